@@ -1,0 +1,1 @@
+"""Calibration loops and the calibration store."""

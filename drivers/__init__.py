@@ -1,0 +1,1 @@
+"""QCoDeS drivers for QKD bench instruments, grouped by vendor, plus role interfaces."""

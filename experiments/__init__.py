@@ -1,0 +1,1 @@
+"""Experiments (BB84 acquisition, timing synchronisation) written against roles."""

@@ -1,0 +1,1 @@
+"""Live pyqtgraph dashboard (Qt is imported lazily, never at module import)."""

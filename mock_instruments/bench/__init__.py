@@ -1,0 +1,1 @@
+"""Bench physics model (in progress)."""

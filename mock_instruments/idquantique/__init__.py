@@ -1,0 +1,1 @@
+"""Mock twins of ID Quantique instruments."""

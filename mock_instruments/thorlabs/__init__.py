@@ -1,0 +1,1 @@
+"""Mock twins of Thorlabs instruments."""

@@ -1,0 +1,1 @@
+"""Pure QKD post-processing math (numpy only, no instrument code)."""

@@ -1,0 +1,5 @@
+import qkdlab
+
+
+def test_version() -> None:
+    assert qkdlab.__version__
