@@ -6,6 +6,7 @@ This module imports numpy only, so drivers, experiments and protocol may all use
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +89,7 @@ class TagBlock:
         """Join consecutive blocks (each must start where the previous stopped)."""
         if not blocks:
             return cls.empty()
-        for a, b in zip(blocks, blocks[1:], strict=False):
+        for a, b in itertools.pairwise(blocks):
             if b.start_ps != a.stop_ps:
                 raise ValueError(
                     f"TagBlocks are not consecutive: one stops at {a.stop_ps} ps, "

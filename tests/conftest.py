@@ -16,7 +16,9 @@ def _close_all_instruments() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _qcodes_db_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _qcodes_db_in_tmp(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Point QCoDeS' database at a per-session temporary folder, never ~/experiments.db."""
     import qcodes
 
@@ -39,7 +41,9 @@ def expected_protocol() -> Iterator[object]:
     servers: list[ScriptedScpiServer] = []
 
     @contextmanager
-    def run(driver_cls: type[Instrument], script: list[tuple[str, str | None]], **kwargs: object) -> Iterator[Instrument]:
+    def run(
+        driver_cls: type[Instrument], script: list[tuple[str, str | None]], **kwargs: object
+    ) -> Iterator[Instrument]:
         server = ScriptedScpiServer(script)
         server.start()
         servers.append(server)

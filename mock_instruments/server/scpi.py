@@ -248,7 +248,8 @@ class ScpiInstrument:
             if handler is None:
                 kind = "query" if is_query else "command"
                 raise ScpiError(UNDEFINED_HEADER, f"{header} has no {kind} form")
-            return handler(args, suffixes) if is_query else _no_reply(handler(args, suffixes))
+            reply = handler(args, suffixes)
+            return reply if is_query else None
         raise ScpiError(UNDEFINED_HEADER, header)
 
     def _reset_cmd(self) -> None:
@@ -261,10 +262,6 @@ class ScpiInstrument:
     def _read_esr(self) -> str:
         value, self.event_status = self.event_status, 0
         return str(value)
-
-
-def _no_reply(_: object) -> None:
-    return None
 
 
 def _split_units(message: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -51,10 +52,8 @@ class Connection:
         return True
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -125,6 +124,11 @@ class TcpServer(ABC):
             log.exception("mock %s: connection handler failed", self.name)
         finally:
             conn.close()
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """The address a client library opens (pyvisa resource name or pyserial URL)."""
 
     @abstractmethod
     def serve(self, conn: Connection) -> None:
