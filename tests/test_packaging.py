@@ -38,3 +38,22 @@ def test_top_level_folders_are_not_importable_on_their_own(tmp_path: Path) -> No
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wrong_direction_import_breaks_a_contract(tmp_path: Path) -> None:
+    """The import-linter contracts are live: a driver importing a mock fails them."""
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    stage = subprocess.run([sys.executable, str(ROOT / "tools" / "stage_package.py"),
+                            str(tmp_path)], check=True)
+    assert stage.returncode == 0
+    clean = subprocess.run([str(lint_imports), "--config", str(ROOT / "pyproject.toml"),
+                            "--no-cache"], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                           capture_output=True, text=True, check=False)
+    assert clean.returncode == 0, clean.stdout
+    roles = tmp_path / "qkdlab" / "drivers" / "roles.py"
+    roles.write_text(roles.read_text() + "\nimport qkdlab.mock_instruments.launcher\n")
+    broken = subprocess.run([str(lint_imports), "--config", str(ROOT / "pyproject.toml"),
+                             "--no-cache"], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                            capture_output=True, text=True, check=False)
+    assert broken.returncode != 0
+    assert "drivers import no experiment, calibration, GUI or mock code BROKEN" in broken.stdout
