@@ -1,0 +1,1 @@
+"""BB84 acquisition: timing synchronisation, acquisition run, reprocessing."""
