@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# pyvisa-py for every resource: without it each ResourceManager first looks for an
+# IVI VISA library (0.3-0.5 s per instrument) that a CI machine does not have
+os.environ.setdefault("PYVISA_LIBRARY", "@py")
 from qcodes.instrument import Instrument
 
 

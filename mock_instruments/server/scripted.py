@@ -8,6 +8,7 @@ pyvisa TCP transport, and the test fails on the first unexpected byte.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 from qkdlab.mock_instruments.server.tcp import Connection, TcpServer
@@ -53,8 +54,16 @@ class ScriptedScpiServer(TcpServer):
                 if reply is not None:
                     conn.send(reply.encode("ascii") + self.terminator)
 
-    def check_complete(self) -> None:
-        """Raise AssertionError unless every scripted exchange happened, in order."""
+    def check_complete(self, wait_s: float = 1.0) -> None:
+        """Raise AssertionError unless every scripted exchange happened, in order.
+
+        Writes get no reply, so the last lines may still be in flight when the driver
+        returns: wait up to ``wait_s`` for them before judging.
+        """
+        deadline = time.monotonic() + wait_s
+        while (self.mismatch is None and self.position < len(self.script)
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
         if self.mismatch is not None:
             raise AssertionError(self.mismatch)
         if self.position != len(self.script):

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 
 from qkdlab.mock_instruments.server.faults import FaultInjector
@@ -67,8 +68,7 @@ class TcpServer(ABC):
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         self.faults = FaultInjector()
-        self._listener = socket.create_server((host, port))
-        self._listener.settimeout(_POLL_S)
+        self._listener: socket.socket | None = self._listen(host, port)
         self.host, self.port = self._listener.getsockname()[:2]
         self.running = False
         self._threads: list[threading.Thread] = []
@@ -90,7 +90,9 @@ class TcpServer(ABC):
             self._accept_thread.join(timeout=2)
         for thread in self._threads:
             thread.join(timeout=2)
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def __enter__(self) -> TcpServer:
         return self.start()
@@ -98,17 +100,34 @@ class TcpServer(ABC):
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @staticmethod
+    def _listen(host: str, port: int) -> socket.socket:
+        listener = socket.create_server((host, port))  # sets SO_REUSEADDR on POSIX
+        listener.settimeout(_POLL_S)
+        return listener
+
     def _accept_loop(self) -> None:
         while self.running:
+            if self.faults.refusing():
+                # a real refusal: no listener, so clients get ECONNREFUSED at once
+                # (accepting and closing makes pyvisa-py's clear() spin forever)
+                if self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                time.sleep(_POLL_S / 5)
+                continue
+            if self._listener is None:
+                try:
+                    self._listener = self._listen(self.host, self.port)
+                except OSError:  # port still in TIME_WAIT; try again shortly
+                    time.sleep(_POLL_S / 5)
+                    continue
             try:
                 sock, _ = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
-            if self.faults.refusing():
-                sock.close()
-                continue
             conn = Connection(sock, self)
             thread = threading.Thread(
                 target=self._serve_and_close, args=(conn,), name=f"mock-{self.name}", daemon=True

@@ -213,3 +213,16 @@ def test_serial_over_socket_with_pyserial() -> None:
         port.close()
     finally:
         server.stop()
+
+
+def test_refusing_server_refuses_at_once(server: ScpiServer) -> None:
+    import socket
+
+    server.faults.drop_connection(refuse_for_s=0.5)
+    time.sleep(0.1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((server.host, server.port), timeout=1.0)
+    time.sleep(0.6)
+    with socket.create_connection((server.host, server.port), timeout=1.0) as sock:
+        sock.sendall(b"*IDN?\n")
+        assert sock.recv(100).startswith(b"ACME")
