@@ -128,6 +128,9 @@ class TcpServer(ABC):
                 continue
             except OSError:
                 return
+            if self.faults.refusing():  # the fault arrived while accept() waited
+                sock.close()
+                continue
             conn = Connection(sock, self)
             thread = threading.Thread(
                 target=self._serve_and_close, args=(conn,), name=f"mock-{self.name}", daemon=True
