@@ -1,0 +1,1 @@
+"""Drivers for OIF-ITLA (Integrable Tunable Laser Assembly) tunable lasers."""

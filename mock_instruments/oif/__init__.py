@@ -1,0 +1,1 @@
+"""Mocks of OIF-ITLA (Integrable Tunable Laser Assembly) tunable lasers."""
