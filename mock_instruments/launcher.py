@@ -26,7 +26,11 @@ MOCK_SCHEME = "mock://"
 # Imported lazily so that starting one mock does not import every other.
 MOCKS: dict[str, str] = {
     "thorlabs/itc4001": "qkdlab.mock_instruments.thorlabs.itc4001:serve",
+    "thorlabs/mbx": "qkdlab.mock_instruments.thorlabs.mbx:serve",
+    "oif/itla": "qkdlab.mock_instruments.oif.itla:serve",
     "idquantique/id120": "qkdlab.mock_instruments.idquantique.id120:serve",
+    "idquantique/id900": "qkdlab.mock_instruments.idquantique.time_controller:serve",
+    "idquantique/id1000": "qkdlab.mock_instruments.idquantique.time_controller:serve",
 }
 
 MockFactory = Callable[[str, Any, Mapping[str, str]], TcpServer]
