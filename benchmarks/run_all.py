@@ -22,7 +22,8 @@ RESULTS = HERE.parent / "bench-results.json"
 
 def _load(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load benchmark {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from qkdlab.tags import TagBlock
 
 
@@ -86,6 +89,26 @@ class PatternSource(SafeStateCapable, Protocol):
 
     def stop(self) -> None:
         """Stop playing."""
+
+
+@runtime_checkable
+class BB84Transmitter(SafeStateCapable, Protocol):
+    """Alice's pattern generator for key runs: a random BB84 pattern and its record."""
+
+    def configure(self, *, seed: int, p_z: float, p_signal: float, p_decoy: float,
+                  frame_pulses: int, rep_rate_hz: float | None = None) -> None:
+        """Load a pattern: basis bias, intensity-class probabilities, frame length."""
+
+    def record(self, pulse_index: npt.ArrayLike) -> tuple[
+        npt.NDArray[np.int8], npt.NDArray[np.int8], npt.NDArray[np.int8]
+    ]:
+        """Alice's (basis, bit, intensity) of the given pulse indices."""
+
+    def start(self) -> None:
+        """Drive the modulators with the pattern."""
+
+    def stop(self) -> None:
+        """Stop driving the modulators."""
 
 
 @runtime_checkable

@@ -28,6 +28,8 @@ MOCKS: dict[str, str] = {
     "thorlabs/itc4001": "qkdlab.mock_instruments.thorlabs.itc4001:serve",
     "thorlabs/mbx": "qkdlab.mock_instruments.thorlabs.mbx:serve",
     "oif/itla": "qkdlab.mock_instruments.oif.itla:serve",
+    "fpga/pattern_generator": "qkdlab.mock_instruments.fpga.pattern_generator:serve",
+    "keysight/33500b": "qkdlab.mock_instruments.keysight.awg33500b:serve",
     "idquantique/id120": "qkdlab.mock_instruments.idquantique.id120:serve",
     "idquantique/id900": "qkdlab.mock_instruments.idquantique.time_controller:serve",
     "idquantique/id1000": "qkdlab.mock_instruments.idquantique.time_controller:serve",

@@ -80,6 +80,7 @@ class PatternConfig:
     p_decoy: float = 0.2  # probability of the weak decoy class (ν ≈ 0.1)
     p_vacuum: float = 0.1  # probability of the vacuum class
     frame_pulses: int = 2**20  # pulses per frame; a marker is sent at every frame start
+    seed: int | None = None  # the pattern generator's seed; None: the bench seed
 
     def __post_init__(self) -> None:
         for name in ("p_z", "p_signal", "p_decoy", "p_vacuum"):

@@ -459,9 +459,13 @@ class Bench:
                 return power
             return power * optics.channel_transmission(cfg.channel)
 
+    def pattern_seed(self, pattern: PatternConfig) -> int:
+        """Seed of Alice's pattern generator (the bench seed unless the pattern sets one)."""
+        return self.seed if pattern.seed is None else int(pattern.seed)
+
     def alice_symbols(self, pulse_index: npt.ArrayLike) -> tuple[I8Array, I8Array, I8Array]:
         """Alice's (basis, bit, intensity) of the given pulses (current pattern settings)."""
-        return symbols(self.seed, pulse_index, self.alice.pattern)
+        return symbols(self.pattern_seed(self.alice.pattern), pulse_index, self.alice.pattern)
 
     def emission_time_ps(self, pulse_index: npt.ArrayLike) -> FloatArray:
         """True emission time (ps) of pulses on the current pulse grid (ground truth)."""
@@ -620,7 +624,8 @@ class Bench:
     def _table_index(self, cfg: BenchConfig, cand: IntArray, p0: int, step_frac: float,
                      n_steps: int) -> npt.NDArray[np.intp]:
         """Flat table index ``(step·4 + Bob's state)·3 + class`` of each candidate."""
-        state, klass = state_and_intensity(self.seed, cand, cfg.alice.pattern)
+        state, klass = state_and_intensity(self.pattern_seed(cfg.alice.pattern), cand,
+                                           cfg.alice.pattern)
         bob_state = eve_resend_state(self.seed, cand, state, cfg.channel.eve_fraction)
         index = bob_state.astype(np.intp)
         index *= 3

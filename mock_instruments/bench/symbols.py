@@ -1,4 +1,4 @@
-"""Alice's pattern source: symbols as a pure function of (seed, pulse index).
+"""Alice's pattern source on the bench: :mod:`qkdlab.patterns` with the bench's settings.
 
 A counter-based generator: pulse ``i`` gets the 64-bit word
 ``splitmix64(key + (i + 1)·γ)`` (γ = 0x9E3779B97F4A7C15, ``key`` derived from the seed
@@ -18,81 +18,44 @@ import sys
 import numpy as np
 import numpy.typing as npt
 
+from qkdlab.patterns import (
+    GOLDEN_GAMMA,
+    LOW32,
+    MASK64,
+    ONE,
+    SALT_EVE,
+    SALT_SYMBOLS,
+    U32,
+    basis_from_words,
+    bit_from_words,
+    hash_words,
+    intensity_from_words,
+    mix64_inplace,
+    splitmix64_scalar,
+    stream_key,
+    threshold32,
+)
+
 from .config import PatternConfig
-
-MASK64 = (1 << 64) - 1
-GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-SALT_SYMBOLS = 0x5EED_0001
-SALT_EVE = 0x5EED_0002
-
-_U32 = np.uint64(32)
-_LOW32 = np.uint64(0xFFFFFFFF)
-_ONE = np.uint64(1)
 
 IntArray = npt.NDArray[np.int64]
 U64Array = npt.NDArray[np.uint64]
 I8Array = npt.NDArray[np.int8]
 
-
-def splitmix64_scalar(x: int) -> int:
-    """splitmix64 finaliser of one Python integer (mod 2⁶⁴)."""
-    z = x & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def mix64_inplace(z: U64Array) -> U64Array:
-    """splitmix64 finaliser applied in place to a ``uint64`` array (wraps mod 2⁶⁴)."""
-    tmp = np.empty_like(z)
-    np.right_shift(z, np.uint64(30), out=tmp)
-    z ^= tmp
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    np.right_shift(z, np.uint64(27), out=tmp)
-    z ^= tmp
-    z *= np.uint64(0x94D049BB133111EB)
-    np.right_shift(z, np.uint64(31), out=tmp)
-    z ^= tmp
-    return z
-
-
-def stream_key(seed: int, salt: int) -> int:
-    """64-bit key of the counter stream ``salt`` of ``seed``."""
-    return splitmix64_scalar(splitmix64_scalar(seed & MASK64) ^ salt)
-
-
-def hash_words(seed: int, salt: int, pulse_index: npt.ArrayLike) -> U64Array:
-    """One pseudo-random 64-bit word per pulse index: a pure function of (seed, salt, i)."""
-    idx = np.asarray(pulse_index, dtype=np.int64)
-    z = idx.astype(np.uint64)  # two's complement wrap for negative indices
-    z += _ONE
-    z *= np.uint64(GOLDEN_GAMMA)
-    z += np.uint64(stream_key(seed, salt))
-    return mix64_inplace(z)
-
-
-def _threshold32(p: float) -> np.uint64:
-    """``p`` scaled to a 32-bit threshold (p = 1 maps to 2³², never reached)."""
-    return np.uint64(round(p * 2.0**32))
-
-
-def intensity_from_words(h: U64Array, pattern: PatternConfig) -> I8Array:
-    """Intensity class (0 signal, 1 decoy, 2 vacuum) from bits 63…32 of ``h``."""
-    hi = h >> _U32
-    k = (hi >= _threshold32(pattern.p_signal)).view(np.int8)
-    k += (hi >= _threshold32(pattern.p_signal + pattern.p_decoy)).view(np.int8)
-    return k
-
-
-def basis_from_words(h: U64Array, p_z: float) -> I8Array:
-    """Basis (0 = Z with probability ``p_z``, 1 = X) from bits 31…1 of ``h``."""
-    mid = (h & _LOW32) >> _ONE
-    return (mid >= np.uint64(round(p_z * 2.0**31))).view(np.int8)
-
-
-def bit_from_words(h: U64Array) -> I8Array:
-    """Bit value from bit 0 of ``h``."""
-    return (h & _ONE).astype(np.int8)
+__all__ = [
+    "GOLDEN_GAMMA",
+    "MASK64",
+    "SALT_EVE",
+    "SALT_SYMBOLS",
+    "eve_resend_state",
+    "hash_words",
+    "marker_pulse_indices",
+    "mix64_inplace",
+    "splitmix64_scalar",
+    "state_and_intensity",
+    "stream_key",
+    "symbols",
+]
 
 
 def symbols(
@@ -105,7 +68,8 @@ def symbols(
     """
     pat = PatternConfig() if pattern is None else pattern
     h = hash_words(seed, SALT_SYMBOLS, pulse_index)
-    return basis_from_words(h, pat.p_z), bit_from_words(h), intensity_from_words(h, pat)
+    return (basis_from_words(h, pat.p_z), bit_from_words(h),
+            intensity_from_words(h, pat.p_signal, pat.p_decoy))
 
 
 def _halves(h: U64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
@@ -113,7 +77,7 @@ def _halves(h: U64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]
     if sys.byteorder == "little" and h.flags.c_contiguous:
         pair = h.view(np.uint32)
         return pair[0::2], pair[1::2]
-    return (h & _LOW32).astype(np.uint32), (h >> _U32).astype(np.uint32)
+    return (h & LOW32).astype(np.uint32), (h >> U32).astype(np.uint32)
 
 
 def state_and_intensity(
@@ -153,10 +117,10 @@ def eve_resend_state(
     if fraction <= 0.0:
         return alice_state
     h = hash_words(seed, SALT_EVE, pulse_index)
-    attacked = (h >> _U32) < _threshold32(fraction)
-    eve_basis = ((h >> _ONE) & _ONE).astype(np.int8)
+    attacked = (h >> U32) < threshold32(fraction)
+    eve_basis = ((h >> ONE) & ONE).astype(np.int8)
     alice_basis = alice_state // 2
-    eve_bit = np.where(eve_basis == alice_basis, alice_state % 2, (h & _ONE).astype(np.int8))
+    eve_bit = np.where(eve_basis == alice_basis, alice_state % 2, (h & ONE).astype(np.int8))
     resent = (2 * eve_basis + eve_bit).astype(np.int8)
     return np.where(attacked, resent, alice_state).astype(np.int8)
 

@@ -52,7 +52,7 @@ def _keyword_regex(keyword: str) -> str:
     suffix = ""
     if keyword.endswith("<n>"):
         keyword, suffix = keyword[:-3], r"(\d*)"
-    short = "".join(c for c in keyword if c.isupper() or c.isdigit() or c in "*?")
+    short = "".join(c for c in keyword if c.isupper() or c.isdigit() or c in "*?_")
     forms = {short.upper(), keyword.upper()}
     alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
     return f"(?:{alternatives}){suffix}"
@@ -77,7 +77,7 @@ def compile_header(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(char))
             i += 1
         else:
-            match = re.match(r"[A-Za-z*][A-Za-z0-9]*(?:<n>)?", pattern[i:])
+            match = re.match(r"[A-Za-z*][A-Za-z0-9_]*(?:<n>)?", pattern[i:])
             if match is None:
                 raise ValueError(f"bad SCPI pattern {pattern!r} at {pattern[i:]!r}")
             word = match.group(0)

@@ -14,6 +14,7 @@ from qkdlab.mock_instruments.server.faults import FaultInjector
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class Connection:
@@ -24,6 +25,7 @@ class Connection:
         self.server = server
         self.generation = server.faults.drop_generation
         sock.settimeout(_POLL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @property
     def alive(self) -> bool:
@@ -40,6 +42,12 @@ class Connection:
             return b""
         except OSError:
             return None
+        if data and _QUICKACK is not None:
+            # acknowledge at once: clients that do not set TCP_NODELAY (pyvisa-py's
+            # SOCKET sessions) otherwise wait ~40 ms (Nagle vs delayed ACK) on every
+            # write followed by a query
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data if data else None
 
     def send(self, data: bytes) -> bool:

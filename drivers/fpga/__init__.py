@@ -1,0 +1,1 @@
+"""FPGA-based QKD transmitter pattern generators (reference command set)."""

@@ -1,0 +1,1 @@
+"""Mock FPGA pattern generator."""
