@@ -81,6 +81,7 @@ class PatternConfig:
     p_vacuum: float = 0.1  # probability of the vacuum class
     frame_pulses: int = 2**20  # pulses per frame; a marker is sent at every frame start
     seed: int | None = None  # the pattern generator's seed; None: the bench seed
+    start_index: int = 0  # bench pulse index where the pattern (re)started: its symbol 0
 
     def __post_init__(self) -> None:
         for name in ("p_z", "p_signal", "p_decoy", "p_vacuum"):

@@ -459,6 +459,18 @@ class Bench:
                 return power
             return power * optics.channel_transmission(cfg.channel)
 
+    def next_pulse_index(self) -> int:
+        """First pulse not yet simulated: a setting changed now applies from this pulse on.
+
+        The simulation has drawn every photon arriving before its front (a little ahead
+        of :attr:`now_ps`, for jitter and delays): pulses emitted before the front minus
+        the fibre delay already went out with the old settings.
+        """
+        with self.lock:
+            front = max(self.now_ps, self._front_ps)
+            return self._grid.first_at_or_after(Fraction(front) - Fraction(
+                self.propagation_delay_ps()))
+
     def pattern_seed(self, pattern: PatternConfig) -> int:
         """Seed of Alice's pattern generator (the bench seed unless the pattern sets one)."""
         return self.seed if pattern.seed is None else int(pattern.seed)
@@ -580,7 +592,8 @@ class Bench:
         delay = cfg.alice.marker_delay_ps
         first = self._grid.first_at_or_after(Fraction(s0 - delay))
         stop = self._grid.first_at_or_after(Fraction(s1 - delay))
-        idx = marker_pulse_indices(first, stop, cfg.alice.pattern.frame_pulses)
+        idx = marker_pulse_indices(first, stop, cfg.alice.pattern.frame_pulses,
+                                   cfg.alice.pattern.start_index)
         if idx.size == 0:
             return Events.empty()
         whole, frac = _split_time(self._grid.emission(int(idx[0])) + delay)

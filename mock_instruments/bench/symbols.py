@@ -67,9 +67,15 @@ def symbols(
     P(intensity = k) = ``pattern.intensity_probs[k]``, bits uniform.
     """
     pat = PatternConfig() if pattern is None else pattern
-    h = hash_words(seed, SALT_SYMBOLS, pulse_index)
+    h = hash_words(seed, SALT_SYMBOLS, _pattern_index(pulse_index, pat))
     return (basis_from_words(h, pat.p_z), bit_from_words(h),
             intensity_from_words(h, pat.p_signal, pat.p_decoy))
+
+
+def _pattern_index(pulse_index: npt.ArrayLike, pattern: PatternConfig) -> IntArray:
+    """Bench pulse indices -> the pattern's own symbol counter (0 at its start)."""
+    idx = np.asarray(pulse_index, dtype=np.int64)
+    return idx - np.int64(pattern.start_index) if pattern.start_index else idx
 
 
 def _halves(h: U64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
@@ -88,7 +94,7 @@ def state_and_intensity(
     Same bits as :func:`symbols`, read through 32-bit views to save passes: basis is
     ``(low >> 1) >= T_z``, i.e. ``low >= 2·T_z``; the bit is ``low & 1``.
     """
-    h = hash_words(seed, SALT_SYMBOLS, pulse_index)
+    h = hash_words(seed, SALT_SYMBOLS, _pattern_index(pulse_index, pattern))
     low, high = _halves(h)
     t_z = np.uint32(min(2 * round(pattern.p_z * 2.0**31), 2**32 - 1))
     state = np.bitwise_and(low, np.uint32(1), dtype=np.uint32).astype(np.int8)
@@ -125,8 +131,10 @@ def eve_resend_state(
     return np.where(attacked, resent, alice_state).astype(np.int8)
 
 
-def marker_pulse_indices(first: int, stop: int, frame_pulses: int) -> IntArray:
-    """Pulse indices in ``[first, stop)`` that start a frame (multiples of ``frame_pulses``)."""
-    lo = -(-max(first, 0) // frame_pulses)
-    hi = -(-max(stop, 0) // frame_pulses)
-    return np.arange(lo, hi, dtype=np.int64) * frame_pulses
+def marker_pulse_indices(first: int, stop: int, frame_pulses: int,
+                         start_index: int = 0) -> IntArray:
+    """Pulse indices in ``[first, stop)`` that start a frame of a pattern begun at
+    ``start_index`` (``start_index`` + multiples of ``frame_pulses``)."""
+    lo = -(-(max(first, start_index) - start_index) // frame_pulses)
+    hi = -(-(max(stop, start_index) - start_index) // frame_pulses)
+    return np.arange(lo, hi, dtype=np.int64) * frame_pulses + start_index

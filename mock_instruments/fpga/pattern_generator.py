@@ -1,7 +1,9 @@
 """Mock of the FPGA pattern generator (command set in ``qkdlab.drivers.fpga``).
 
 Settings go straight to the bench: rate → ``alice.rep_rate_hz``; seed, probabilities
-and frame length → ``alice.pattern``.  The bench draws Alice's symbols with the same
+and frame length → ``alice.pattern``.  ``OUTP ON`` restarts the pattern: its symbol 0
+is the next pulse the bench emits (``pattern.start_index``), and frame markers count
+from there, as on firmware whose counter resets when the pattern starts.  The bench draws Alice's symbols with the same
 algorithm (:mod:`qkdlab.patterns`), so the driver's record matches the light.
 """
 
@@ -87,7 +89,13 @@ class MockPatternGenerator(ScpiInstrument):
     def _set_output(self, args: list[str]) -> None:
         if not args:
             raise ScpiError(DATA_OUT_OF_RANGE, "OUTPut needs ON or OFF")
-        self.output = parse_bool(args[0], "OUTPut")
+        on = parse_bool(args[0], "OUTPut")
+        if on and not self.output and self.bench is not None:
+            # the firmware's symbol counter restarts at 0 with the pattern
+            with self.bench.lock:
+                self.bench.alice.pattern = dataclasses.replace(
+                    self.bench.alice.pattern, start_index=self.bench.next_pulse_index())
+        self.output = on
 
     def reset(self) -> None:
         self.output = False

@@ -109,3 +109,28 @@ def test_mock_refuses_signal_plus_decoy_above_one(
     pg.write("PATT:PROB:SIGN 0.9")
     assert pg.ask("SYST:ERR?").startswith("-221")
     assert mock.p_signal == pytest.approx(0.7)
+
+
+def test_starting_the_pattern_restarts_its_symbol_counter(
+    bench_and_driver: tuple[Bench, FPGAPatternGenerator, MockPatternGenerator],
+) -> None:
+    bench, pg, _ = bench_and_driver
+    pg.configure(seed=7, p_z=0.5, p_signal=0.7, p_decoy=0.2, frame_pulses=2**16)
+    bench.acquire(0.003)  # the bench has been running: pulse indices are in the 10^5
+    pg.start()
+    pg.ask("*OPC?")
+    start = bench.alice.pattern.start_index
+    assert start > 0
+    bench.acquire(0.002)  # light emitted before the start is still arriving
+    tags = bench.acquire(0.01)
+    photons = tags.pulse_index[(tags.origin == 0) & (tags.pulse_index >= start)]
+    assert photons.size > 100
+    # the firmware's record is indexed from its own start
+    for ours, truth in zip(pg.record(photons - start), bench.alice_symbols(photons),
+                           strict=True):
+        np.testing.assert_array_equal(ours, truth)
+    # frame markers follow the restarted counter: at pattern pulses 0, 2^16, 2^17, ...
+    marker_t = tags.time_ps[tags.origin == 3] - bench.alice.marker_delay_ps
+    frames = (marker_t - bench.emission_time_ps(np.array([start]))[0]) / (1e12 / 100e6) / 2**16
+    assert marker_t.size > 0
+    np.testing.assert_allclose(frames, np.round(frames), atol=1e-3)
