@@ -3,8 +3,9 @@
 Settings go straight to the bench: rate → ``alice.rep_rate_hz``; seed, probabilities
 and frame length → ``alice.pattern``.  ``OUTP ON`` restarts the pattern: its symbol 0
 is the next pulse the bench emits (``pattern.start_index``), and frame markers count
-from there, as on firmware whose counter resets when the pattern starts.  The bench draws Alice's symbols with the same
-algorithm (:mod:`qkdlab.patterns`), so the driver's record matches the light.
+from there, as on firmware whose counter resets when the pattern starts.  The bench
+draws Alice's symbols with the same algorithm (:mod:`qkdlab.patterns`), so the
+driver's record matches the light.
 """
 
 from __future__ import annotations
