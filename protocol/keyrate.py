@@ -89,6 +89,45 @@ def vacuum_weak_decoy_bounds(
                        e1_upper=min(max(e1, 0.0), 0.5))
 
 
+def three_intensity_decoy_bounds(
+    mu: tuple[float, float, float],
+    gains: tuple[float, float, float],
+    error_gains: tuple[float, float],
+) -> DecoyBounds:
+    """Single-photon bounds from three intensities μ1 > μ2 > μ3 ≥ 0 (asymptotic).
+
+    The asymptotic form of the bounds of Lim, Curty, Walenta, Xu, Zbinden, PRA 89,
+    022307 (2014), Eqs. (2)-(4), with gains in place of counts: a "vacuum" class whose
+    finite extinction leaves μ3 > 0 is handled exactly, and its measured errors replace
+    the e0·Y0 = Y0/2 of an ideal vacuum.  With μ3 = 0 and half the vacuum counts in
+    error this is Ma et al.'s Eqs. (34) and (37).
+
+    Args:
+        mu: (μ1, μ2, μ3) mean photon numbers, μ1 > μ2 + μ3, μ2 > μ3 ≥ 0.
+        gains: (Q1, Q2, Q3) measured gains.
+        error_gains: (E2·Q2, E3·Q3), the gains of erroneous sifted bits of the decoy and
+            the weakest class.
+    """
+    m1, m2, m3 = mu
+    q1, q2, q3 = gains
+    eq2, eq3 = error_gains
+    if not (m1 > m2 + m3 and m2 > m3 >= 0.0):
+        raise ValueError(f"decoy bounds need mu1 > mu2 + mu3 and mu2 > mu3 >= 0, got {mu}")
+    # Y0 >= (μ2·Q3·e^μ3 − μ3·Q2·e^μ2)/(μ2 − μ3)   (Lim Eq. 2, asymptotic)
+    y0 = max((m2 * q3 * math.exp(m3) - m3 * q2 * math.exp(m2)) / (m2 - m3), 0.0)
+    denom = m1 * (m2 - m3) - m2 * m2 + m3 * m3
+    y1 = (m1 / denom) * (
+        q2 * math.exp(m2) - q3 * math.exp(m3)
+        - (m2 * m2 - m3 * m3) / (m1 * m1) * (q1 * math.exp(m1) - y0)
+    )
+    if y1 <= 0.0:
+        return DecoyBounds(y0=y0, y1_lower=y1, q1_lower=0.0, e1_upper=0.5)
+    # e1 <= (E2Q2·e^μ2 − E3Q3·e^μ3)/((μ2 − μ3)·Y1)   (Lim Eq. 4, asymptotic)
+    e1 = (eq2 * math.exp(m2) - eq3 * math.exp(m3)) / ((m2 - m3) * y1)
+    return DecoyBounds(y0=y0, y1_lower=y1, q1_lower=y1 * m1 * math.exp(-m1),
+                       e1_upper=min(max(e1, 0.0), 0.5))
+
+
 def gllp_rate(q: float, q_mu: float, e_mu: float, q1: float, e1: float, f_ec: float) -> float:
     """R = q·{−Q_μ·f·H2(E_μ) + Q1·[1 − H2(e1)]}, clipped at 0 (GLLP; Ma et al. Eq. 1)."""
     rate = q * (-q_mu * f_ec * binary_entropy(e_mu) + q1 * (1.0 - binary_entropy(e1)))

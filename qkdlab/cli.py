@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from qkdlab.station import StationError
 
@@ -59,6 +60,64 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _positive(kind: type, name: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("run", help="run an experiment")
+    run_sub = run.add_subparsers(dest="experiment", required=True)
+    bb84 = run_sub.add_parser("bb84", help="decoy-state BB84 acquisition")
+    where = bb84.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mock", action="store_true", help="on the packaged mock bench")
+    where.add_argument("--station", type=Path, help="station file of a bench")
+    length = bb84.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=_positive(float, "--duration"), default=None,
+                        metavar="S", help="acquisition time (s; default 1)")
+    length.add_argument("--pulses", type=_positive(int, "--pulses"), default=None,
+                        metavar="N", help="pulses to send instead of a duration")
+    bb84.add_argument("--distance-km", type=float, default=None, metavar="D",
+                      help="fibre length of the mock bench (km)")
+    bb84.add_argument("--eve-fraction", type=_fraction, default=None, metavar="P",
+                      help="mock eavesdropper: intercept-resend on a fraction P of pulses")
+    bb84.add_argument("--seed", type=int, default=1, help="seed of the mock bench and of "
+                      "Alice's pattern (default 1)")
+    bb84.add_argument("--no-sync-channel", action="store_true",
+                      help="find the clock from the detections (qubit-based sync)")
+    bb84.add_argument("--rate", type=_positive(float, "--rate"), default=100e6, metavar="HZ",
+                      help="pulse repetition rate (Hz; default 100e6)")
+    bb84.add_argument("--data-dir", type=Path, default=Path("data"),
+                      help="where the database and raw tag files go (default ./data)")
+    bb84.add_argument("--json", action="store_true", help="print one JSON object")
+    bb84.set_defaults(func=cmd_run_bb84)
+
+
+def _add_reprocess(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rep = sub.add_parser("reprocess", help="re-process a BB84 run from its raw tag file")
+    rep.add_argument("run", help="raw tag file, or the run id of a run under --data-dir")
+    rep.add_argument("--data-dir", type=Path, default=Path("data"))
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.set_defaults(func=cmd_reprocess)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkdlab", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -66,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mock(sub)
     _add_station(sub)
     _add_demo(sub)
+    _add_run(sub)
+    _add_reprocess(sub)
     return parser
 
 
@@ -147,6 +208,134 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_bb84(args: argparse.Namespace) -> int:
+    """Open the station, run BB84, print the summary (or JSON)."""
+    import json
+
+    from qkdlab.experiments.bb84.run import run_bb84
+    from qkdlab.roles import bb84_roles
+    from qkdlab.station import open_station
+
+    overrides: dict[str, Any] = {}
+    if args.distance_km is not None:
+        if not 0 <= args.distance_km <= 500:
+            raise StationError(f"--distance-km must lie in [0, 500] km, got {args.distance_km}")
+        overrides.setdefault("channel", {})["length_km"] = args.distance_km
+    if args.eve_fraction is not None:
+        overrides.setdefault("channel", {})["eve_fraction"] = args.eve_fraction
+    if overrides and not args.mock:
+        raise StationError("--distance-km and --eve-fraction set the mock bench; use --mock")
+    station = DEFAULT_MOCK_STATION if args.mock else args.station
+    settings = bb84_settings(station, rep_rate_hz=args.rate,
+                             use_sync_channel=not args.no_sync_channel, seed=args.seed)
+    duration = (args.pulses / args.rate if args.pulses is not None
+                else args.duration if args.duration is not None else 1.0)
+    # with --json, stdout carries the JSON object only (QCoDeS prints progress notes)
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet, open_station(station, seed=args.seed if args.mock else None,
+                             bench_overrides=overrides) as loaded:
+        roles = bb84_roles(loaded)
+        result = run_bb84(roles, settings, duration_s=duration, data_dir=args.data_dir,
+                          metadata={"station": str(station), "mock": bool(args.mock),
+                                    "bench_overrides": overrides},
+                          progress=not args.json and sys.stderr.isatty())
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_bb84_summary(summary))
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Re-run sync, sifting and estimation offline; print the same figures."""
+    import json
+
+    from qkdlab.experiments.bb84.rawtags import RawTagFileError
+    from qkdlab.experiments.bb84.reprocess import ReprocessError, reprocess
+
+    path = Path(args.run)
+    if not path.exists():
+        path = args.data_dir / "raw" / f"bb84-{args.run}.qkt"
+    if not path.exists():
+        raise StationError(f"no raw tag file {args.run!r} (nor {path})")
+    try:
+        done = reprocess(path)
+    except (RawTagFileError, ReprocessError) as err:
+        raise StationError(str(err)) from err
+    est, tot = done.estimate, done.totals
+    summary = {
+        "run_id": done.metadata.get("run_id"), "raw_tags": str(path),
+        "pulses": int(tot.pulses), "detections": int(tot.detected.sum()),
+        "sifted_bits": int(tot.sifted.sum()), "qber_z": _json_num(est.qber_z),
+        "qber_x": _json_num(est.qber_x), "gain_signal": _json_num(est.gains[0]),
+        "gain_decoy": _json_num(est.gains[1]), "gain_vacuum": _json_num(est.gains[2]),
+        "y1_lower": _json_num(est.bounds.y1_lower) if est.bounds else None,
+        "e1_upper": _json_num(est.bounds.e1_upper) if est.bounds else None,
+        "aborted": est.aborted, "abort_reason": est.abort_reason,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"  {key:<14} {value}")
+    return 0
+
+
+def _json_num(x: float) -> float | None:
+    import math
+
+    return float(x) if math.isfinite(x) else None
+
+
+def bb84_settings(station: Path, **overrides: Any) -> Any:
+    """BB84Settings from the station's ``qkdlab: bb84:`` section and the command line."""
+    from dataclasses import fields
+
+    from qkdlab.experiments.bb84.processing import BB84Settings
+    from qkdlab.station import read_station_file
+
+    section = dict(read_station_file(station).qkdlab.get("bb84") or {})
+    known = {f.name for f in fields(BB84Settings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise StationError(f"{station}: unknown key {unknown[0]!r} in 'qkdlab: bb84' "
+                           f"(allowed: {', '.join(sorted(known))})")
+    try:
+        return BB84Settings(**{**section, **overrides})
+    except (TypeError, ValueError) as err:
+        raise StationError(f"{station}: 'qkdlab: bb84': {err}") from err
+
+
+def format_bb84_summary(s: dict[str, Any]) -> str:
+    """A readable summary of a BB84 run."""
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f} %"
+
+    def num(x: float | None, fmt: str = ".4g") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [
+        f"BB84 run {s['run_id']}: {s['status']}",
+        f"  pulses sent          {s['pulses']:,}",
+        f"  detections           {s['detections']:,}  (outside window: {s['unassigned']:,})",
+        f"  sifted bits          {s['sifted_bits']:,}  (Z basis: {s['sifted_bits_z']:,})",
+        f"  QBER Z / X           {pct(s['qber_z'])} / {pct(s['qber_x'])}",
+        f"  gains s / d / v      {num(s['gain_signal'])} / {num(s['gain_decoy'])} / "
+        f"{num(s['gain_vacuum'])}",
+        f"  decoy bounds         Y1 >= {num(s['y1_lower'])}, e1 <= {pct(s['e1_upper'])}",
+        f"  key rate (asympt.)   {num(s['key_rate_bps'], ',.0f')} bit/s "
+        f"({num(s['key_rate_per_pulse'])} per pulse)",
+        f"  sync                 period {num(s['sync_period_ps'], '.4f')} ps, "
+        f"drift {num(s['sync_drift_ppm'], '+.4f')} ppm",
+    ]
+    if s["aborted"]:
+        lines.append(f"  ABORTED: {s['abort_reason']}")
+    lines += [f"  dataset              #{s['dataset']} in {s['database']}",
+              f"  raw tags             {s['raw_tags']}"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -158,8 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qkdlab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qkdlab: interrupted", file=sys.stderr)
+        print("qkdlab: interrupted (instruments in their safe state, data closed)",
+              file=sys.stderr)
         return 130
+    except (OSError, RuntimeError, ValueError) as err:
+        if args.verbose:
+            raise
+        print(f"qkdlab: error: {type(err).__name__}: {err} (-v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

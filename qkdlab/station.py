@@ -36,7 +36,7 @@ INSTRUMENT_KEYS = frozenset(
     {"type", "driver", "address", "port", "enable_forced_reconnect", "init",
      "add_parameters", "parameters"}
 )
-QKDLAB_KEYS = frozenset({"mock_bench", "roles", "description"})
+QKDLAB_KEYS = frozenset({"mock_bench", "roles", "description", "bb84"})
 
 
 class StationError(Exception):
@@ -261,14 +261,27 @@ def connect_instrument(station: Station, station_file: StationFile, name: str) -
     return instrument
 
 
+def merge_overrides(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mapping ``base`` updated by ``extra`` (mappings merge, other values replace)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @contextmanager
 def open_station(
-    path: str | Path, *, seed: int | None = None, only: list[str] | None = None
+    path: str | Path, *, seed: int | None = None, only: list[str] | None = None,
+    bench_overrides: Mapping[str, Any] | None = None,
 ) -> Iterator[LoadedStation]:
     """Load, start mocks for, and connect every instrument of a station file.
 
     On exit (also on error) instruments go to their safe state and close, and the
-    mocks stop.  ``seed`` overrides the mock bench seed of the file.
+    mocks stop.  ``seed`` overrides the mock bench seed of the file and
+    ``bench_overrides`` its bench settings (both only for ``mock://`` instruments).
     """
     from qcodes.station import Station
 
@@ -281,13 +294,20 @@ def open_station(
             raise StationError(f"{station_file.path}: no instrument named {unknown[0]!r}")
     launcher = None
     entries = station_file.instruments
+    if bench_overrides and not has_mocks(station_file):
+        raise StationError(f"{station_file.path}: bench settings apply to the mock bench "
+                           "only, and this station has no mock:// instrument")
     if has_mocks(station_file):
         from qkdlab.mock_instruments.launcher import MockLauncher
 
-        launcher = MockLauncher(
-            seed=station_file.mock_seed if seed is None else seed,
-            bench_overrides=station_file.bench_overrides,
-        )
+        try:
+            launcher = MockLauncher(
+                seed=station_file.mock_seed if seed is None else seed,
+                bench_overrides=merge_overrides(station_file.bench_overrides,
+                                                bench_overrides or {}),
+            )
+        except ValueError as err:
+            raise StationError(f"{station_file.path}: mock bench settings: {err}") from err
     loaded = None
     try:
         if launcher is not None:

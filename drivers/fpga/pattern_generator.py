@@ -55,6 +55,8 @@ class FPGAPatternGenerator(VisaInstrument):
     """
 
     default_terminator = "\n"
+    pattern_algorithm = ALGORITHM
+    """Alice's record can be recomputed offline from the seed with this algorithm."""
 
     def __init__(self, name: str, address: str, *, max_rate_hz: float = 2.5e9,
                  **kwargs: Unpack[VisaInstrumentKWArgs]) -> None:

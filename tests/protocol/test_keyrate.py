@@ -74,3 +74,34 @@ def test_inconsistent_gains_are_flagged() -> None:
     assert not bounds.consistent
     with pytest.raises(ValueError, match="0 < nu < mu"):
         vacuum_weak_decoy_bounds(0.1, 0.5, 1e-3, 1e-3, 0.01, 1e-6)
+
+
+def test_three_intensity_bounds_reduce_to_ma_for_a_true_vacuum() -> None:
+    from qkdlab.protocol.keyrate import three_intensity_decoy_bounds
+
+    mu, nu, y0, ed = 0.5, 0.1, 1e-5, 0.01
+    eta = transmittance(0.1, 0.2, 25)
+    q_mu, q_nu = gain(mu, eta, y0), gain(nu, eta, y0)
+    e_nu = qber(nu, eta, y0, ed)
+    ma = vacuum_weak_decoy_bounds(mu, nu, q_mu, q_nu, e_nu, y0)
+    lim = three_intensity_decoy_bounds((mu, nu, 0.0), (q_mu, q_nu, y0), (e_nu * q_nu, 0.5 * y0))
+    assert lim.y1_lower == pytest.approx(ma.y1_lower, rel=1e-12)
+    assert lim.e1_upper == pytest.approx(ma.e1_upper, rel=1e-12)
+
+
+def test_three_intensity_bounds_stay_valid_with_a_leaky_vacuum() -> None:
+    """A 'vacuum' with mu3 > 0 (finite extinction) must still bound Y1 and e1 from the
+    right side; treating it as a true vacuum would under-estimate e1 (insecure)."""
+    from qkdlab.protocol.keyrate import three_intensity_decoy_bounds
+
+    mu, nu, mu3, y0, ed = 0.5, 0.1, 0.002, 1e-6, 0.01
+    eta = transmittance(0.1, 0.2, 25)
+    q = tuple(gain(m, eta, y0) for m in (mu, nu, mu3))
+    eq = tuple(qber(m, eta, y0, ed) * gain(m, eta, y0) for m in (nu, mu3))
+    y1_true = y0 + eta - y0 * eta
+    e1_true = (0.5 * y0 + ed * eta) / y1_true
+    right = three_intensity_decoy_bounds((mu, nu, mu3), q, eq)  # type: ignore[arg-type]
+    assert right.y1_lower <= y1_true
+    assert right.e1_upper >= e1_true
+    naive = vacuum_weak_decoy_bounds(mu, nu, q[0], q[1], eq[0] / q[1], q[2])
+    assert naive.e1_upper < e1_true  # the flaw the general bound avoids

@@ -1,0 +1,63 @@
+"""Resolve a station file's ``qkdlab: roles:`` section to the instruments that fill them.
+
+Experiments take roles, never station files; this module (in the root package, which
+may see everything) is where a loaded station becomes role objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkdlab.station import LoadedStation, StationError
+
+
+def instrument_for(loaded: LoadedStation, role: str, *, required: bool = True) -> Any:
+    """The instrument named for ``role`` in the station file (None if optional and absent)."""
+    roles = loaded.file.qkdlab.get("roles", {})
+    name = roles.get(role)
+    if name is None:
+        if required:
+            raise StationError(f"{loaded.file.path}: no instrument for role {role!r} "
+                               f"(add 'qkdlab: roles: {role}: <instrument>')")
+        return None
+    instruments = loaded.instruments
+    if name not in instruments:
+        raise StationError(f"{loaded.file.path}: role {role!r} names {name!r}, "
+                           f"which is not a loaded instrument")
+    return instruments[name]
+
+
+def bb84_roles(loaded: LoadedStation) -> Any:
+    """A :class:`~qkdlab.experiments.bb84.run.BB84Roles` from the station's roles."""
+    from qkdlab.drivers.roles import BB84Transmitter, Laser, SafeStateCapable, TimeTagger
+    from qkdlab.experiments.bb84.run import BB84Roles
+    from qkdlab.experiments.bb84.sync import DetectorMap
+
+    roles = loaded.file.qkdlab.get("roles", {})
+    transmitter = instrument_for(loaded, "transmitter")
+    tagger = instrument_for(loaded, "tagger")
+    laser = instrument_for(loaded, "laser", required=False)
+    for obj, kind, role in ((transmitter, BB84Transmitter, "transmitter"),
+                            (tagger, TimeTagger, "tagger"), (laser, Laser, "laser")):
+        if obj is not None and not isinstance(obj, kind):
+            raise StationError(f"{loaded.file.path}: {obj.name!r} ({type(obj).__name__}) "
+                               f"cannot serve as {role}: it is not a {kind.__name__}")
+    raw_map = roles.get("detectors")
+    if not isinstance(raw_map, dict) or not raw_map:
+        raise StationError(f"{loaded.file.path}: 'qkdlab: roles: detectors' must map tagger "
+                           "channels to [basis, bit]")
+    try:
+        channels = {int(ch): (int(v[0]), int(v[1])) for ch, v in raw_map.items()}
+    except (TypeError, ValueError, IndexError) as err:
+        raise StationError(f"{loaded.file.path}: bad detector map {raw_map!r}: {err}") from err
+    for ch, (basis, bit) in channels.items():
+        if basis not in (0, 1) or bit not in (0, 1):
+            raise StationError(f"{loaded.file.path}: channel {ch}: basis and bit must be 0 "
+                               f"or 1, got {[basis, bit]}")
+    used = {id(x) for x in (transmitter, tagger, laser)}
+    others = [i for i in loaded.instruments.values()
+              if id(i) not in used and isinstance(i, SafeStateCapable)]
+    marker = roles.get("marker_channel")
+    return BB84Roles(transmitter=transmitter, tagger=tagger, laser=laser,
+                     detectors=DetectorMap(channels),
+                     marker_channel=None if marker is None else int(marker), others=others)
