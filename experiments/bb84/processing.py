@@ -118,6 +118,9 @@ class FrameStats:
     sync_period_ps: float
     sync_origin_ps: float
     sync_drift_ppm: float
+    histogram: list[list[int]] = field(default_factory=list)
+    """Detections per detector folded on the pulse period: HISTOGRAM_BINS bins over
+    [−T/2, T/2) around each pulse's expected time (the acceptance window is ±W/2)."""
 
     @property
     def duration_s(self) -> float:
@@ -191,6 +194,26 @@ class RunTotals:
             empty = np.zeros(0, np.uint8)
             return empty, empty
         return np.concatenate(self.key_alice), np.concatenate(self.key_bob)
+
+
+HISTOGRAM_BINS = 100
+
+
+def folded_histogram(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
+                     solution: SyncSolution, detectors: DetectorMap) -> list[list[int]]:
+    """Per detector, tag counts folded on the period around each pulse (all tags)."""
+    period = solution.period_ps
+    base = round(solution.origin_ps)
+    out = []
+    for ch in detectors.channel_list:
+        t = time_ps[channel == ch]
+        x = (t - base).astype(np.float64) - (solution.origin_ps - base) \
+            - solution.channel_delay_ps[ch]
+        phase = (x / period + 0.5) % 1.0
+        counts = np.bincount((phase * HISTOGRAM_BINS).astype(np.int64),
+                             minlength=HISTOGRAM_BINS)[:HISTOGRAM_BINS]
+        out.append(counts.tolist())
+    return out
 
 
 class FrameProcessor:
@@ -277,6 +300,7 @@ class FrameProcessor:
             overflow=block.overflow, lost_tags=block.lost_tags,
             sync_period_ps=sol.period_ps, sync_origin_ps=sol.origin_ps,
             sync_drift_ppm=sol.drift_ppm,
+            histogram=folded_histogram(block.time_ps, block.channel, sol, self.detectors),
         )
         self.totals.add(stats)
         self._frame += 1

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,24 @@ FRAME_PARAMETERS: dict[str, tuple[str, str]] = {
 }
 
 
+def frame_message(stats: FrameStats, settings: BB84Settings,
+                  detectors: DetectorMap) -> dict[str, Any]:
+    """The live-stream message of one frame: the dataset row plus histograms and counts."""
+    return {
+        "frame": stats.frame,
+        **frame_values(stats, settings, detectors),
+        "qber_by_intensity": [
+            _num(sum(stats.errors[b][k] for b in (0, 1))
+                 / max(1, sum(stats.sifted[b][k] for b in (0, 1))))
+            for k in range(3)],
+        "duration_s": stats.duration_s,
+        "histogram": stats.histogram,
+        "histogram_range_ps": [-stats.sync_period_ps / 2, stats.sync_period_ps / 2],
+        "window_ps": settings.acceptance_ps,
+        "channels": detectors.channel_list,
+    }
+
+
 def frame_values(stats: FrameStats, settings: BB84Settings,
                  detectors: DetectorMap) -> dict[str, float]:
     """The dataset row of one frame (and the live-stream message body)."""
@@ -180,6 +198,7 @@ def run_bb84(
     progress: bool = True,
     publish: Publisher | None = None,
     on_frame: Callable[[FrameStats], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> BB84Result:
     """Run decoy-state BB84 for ``duration_s`` seconds of tagger time.
 
@@ -192,6 +211,8 @@ def run_bb84(
         progress: show a progress bar on stderr.
         publish: called with a small dict per frame (the live stream); must not block.
         on_frame: called with each frame's results (e.g. to inject faults in tests).
+        stop_requested: polled after every block; True ends the run early but cleanly
+            (status ``stopped``), e.g. a Stop button in the GUI.
     """
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0 s, got {duration_s}")
@@ -239,14 +260,20 @@ def run_bb84(
             try:
                 _start_alice(roles, settings)
                 with _progress(duration_s, progress) as bar:
-                    for block in _blocks(roles.tagger, duration_s):
+                    stopped = False
+                    blocks = _blocks(roles.tagger, duration_s)
+                    for block in blocks:
                         raw.write(block)
                         bar.update(round(block.duration_ps * 1e-12, 3))
                         for stats in processor.feed(block):
                             _save_frame(saver, stats, settings, roles, publish, on_frame)
+                        if stop_requested is not None and stop_requested():
+                            stopped = True
+                            blocks.close()  # ends the tagger's stream cleanly
+                            break
                     for stats in processor.flush():
                         _save_frame(saver, stats, settings, roles, publish, on_frame)
-                status = "completed"
+                status = "stopped" if stopped else "completed"
             except KeyboardInterrupt:
                 status = "interrupted"
                 raise
@@ -294,8 +321,14 @@ def _start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
     roles.transmitter.start()
 
 
-def _blocks(tagger: TimeTagger, duration_s: float) -> Iterator[Any]:
-    yield from tagger.stream(duration_s)
+def _blocks(tagger: TimeTagger, duration_s: float) -> Generator[Any, None, None]:
+    stream = tagger.stream(duration_s)
+    try:
+        yield from stream
+    finally:
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
 
 
 def _save_frame(saver: Any, stats: FrameStats, settings: BB84Settings, roles: BB84Roles,
@@ -305,7 +338,7 @@ def _save_frame(saver: Any, stats: FrameStats, settings: BB84Settings, roles: BB
     saver.add_result(("frame", stats.frame), *row.items())
     if publish is not None:
         try:
-            publish({"frame": stats.frame, **row})
+            publish(frame_message(stats, settings, roles.detectors))
         except Exception:  # a broken listener never stops the acquisition
             log.exception("live-stream publish failed")
     if on_frame is not None:
