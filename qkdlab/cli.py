@@ -53,9 +53,13 @@ def _add_station(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = sub.add_parser("demo", help="start the mock bench and show live detector rates")
+    demo = sub.add_parser("demo", help="tour of the mock bench, ending with a BB84 run")
     demo.add_argument("--station", type=Path, default=DEFAULT_MOCK_STATION)
-    demo.add_argument("--seconds", type=float, default=3.0, help="how long to show rates (s)")
+    demo.add_argument("--seconds", type=float, default=1.0,
+                      help="how long to show live count rates (s)")
+    demo.add_argument("--run-seconds", type=float, default=2.0,
+                      help="length of the BB84 run (s of tagger time)")
+    demo.add_argument("--data-dir", type=Path, default=Path("data"))
     demo.add_argument("--seed", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
 
@@ -180,32 +184,43 @@ def cmd_station_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Mock bench tour: identities, then live count rates with the laser on."""
-    import time
-
-    from qkdlab.drivers.roles import Laser, SinglePhotonDetector
+    """Mock bench tour: identities, live count rates, then a BB84 run and its summary."""
+    from qkdlab.experiments.bb84.run import run_bb84
+    from qkdlab.roles import bb84_roles
     from qkdlab.station import open_station
 
-    with open_station(args.station, seed=args.seed) as loaded:
-        print(f"mock bench from {args.station}")
+    settings = bb84_settings(args.station, seed=args.seed or 1)
+    with contextlib.redirect_stdout(sys.stderr), \
+            open_station(args.station, seed=args.seed) as loaded:
+        roles = bb84_roles(loaded)
+        print(f"mock bench from {args.station}:", file=sys.__stdout__)
         for name, instrument in loaded.instruments.items():
-            print(f"  {name:<16} {type(instrument).__name__:<22} {_identity(instrument)}")
-        lasers = [i for i in loaded.instruments.values() if isinstance(i, Laser)]
-        detectors = {n: i for n, i in loaded.instruments.items()
-                     if isinstance(i, SinglePhotonDetector)}
-        for detector in detectors.values():
-            detector.enable()
-        for laser in lasers:
-            laser.output_on()
-        print(f"\nlaser on; count rates per detector (cps) for {args.seconds:g} s:")
-        print("  " + "".join(f"{n:>14}" for n in detectors))
-        end = time.monotonic() + args.seconds
-        while time.monotonic() < end:
-            rates = [sum(d.count_rates()) for d in detectors.values()]
-            print("  " + "".join(f"{r:>14,.0f}" for r in rates), flush=True)
-            time.sleep(0.5)
-        print("\nlaser off, detector bias down; mocks stopped.")
-    return 0
+            print(f"  {name:<12} {type(instrument).__name__:<22} {_identity(instrument)}",
+                  file=sys.__stdout__)
+        roles.transmitter.configure(seed=settings.seed, p_z=settings.p_z,
+                                    p_signal=settings.p_signal, p_decoy=settings.p_decoy,
+                                    frame_pulses=settings.frame_pulses,
+                                    rep_rate_hz=settings.rep_rate_hz)
+        if roles.laser is not None:
+            roles.laser.output_on()
+        roles.transmitter.start()
+        channels = roles.detectors.channel_list
+        print("\nlaser on; tag rate per detector channel (counts/s):", file=sys.__stdout__)
+        print("  " + "".join(f"{'ch ' + str(c):>12}" for c in channels), file=sys.__stdout__)
+        for _ in range(max(1, round(args.seconds / 0.2))):
+            block = roles.tagger.acquire(0.2)
+            counts = block.counts(channels)
+            rates = [counts[c] / (block.duration_ps * 1e-12) for c in channels]
+            print("  " + "".join(f"{r:>12,.0f}" for r in rates), file=sys.__stdout__,
+                  flush=True)
+        print(f"\ndecoy-state BB84 over the mock link, {args.run_seconds:g} s:",
+              file=sys.__stdout__, flush=True)
+        result = run_bb84(roles, settings, duration_s=args.run_seconds,
+                          data_dir=args.data_dir, metadata={"station": str(args.station)},
+                          progress=sys.stderr.isatty())
+    print(format_bb84_summary(result.summary()))
+    print("\nlaser off and instruments in their safe state; mocks stopped.")
+    return 0 if result.status == "completed" else 1
 
 
 def cmd_run_bb84(args: argparse.Namespace) -> int:

@@ -312,6 +312,9 @@ def _result_meta(est: Estimate, processor: FrameProcessor) -> dict[str, Any]:
 
 
 def _start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
+    # stop first: the pattern's symbol counter restarts at 0 when it starts, which keeps
+    # the pulse offset the sync must find small however long the transmitter ran before
+    roles.transmitter.stop()
     roles.transmitter.configure(seed=settings.seed, p_z=settings.p_z,
                                 p_signal=settings.p_signal, p_decoy=settings.p_decoy,
                                 frame_pulses=settings.frame_pulses,

@@ -193,3 +193,26 @@ def test_bad_settings_are_refused_before_any_instrument_moves() -> None:
         BB84Settings(p_signal=0.8, p_decoy=0.3)
     with pytest.raises(ValueError, match="mu_decoy"):
         BB84Settings(mu_signal=0.1, mu_decoy=0.5)
+
+
+def test_demo_tours_the_bench_and_runs_bb84(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from qkdlab.cli import main
+
+    code = main(["demo", "--seconds", "0.2", "--run-seconds", "0.4",
+                 "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "IDQTimeController" in out  # identities
+    assert "ch 4" in out  # live count rates
+    assert ": completed" in out  # the BB84 run
+    assert str(tmp_path) in out  # and where the data went
+
+
+def test_a_second_run_on_the_same_bench_syncs_again(tmp_path: Path) -> None:
+    # the transmitter keeps running between runs; each run restarts its pattern
+    with mock_bench() as loaded:
+        first = run(loaded, tmp_path)
+        loaded.launcher.bench.acquire(0.5)  # type: ignore[union-attr]
+        second = run(loaded, tmp_path)
+    assert first.status == second.status == "completed"
