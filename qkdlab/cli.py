@@ -185,36 +185,31 @@ def cmd_station_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Mock bench tour: identities, live count rates, then a BB84 run and its summary."""
-    from qkdlab.experiments.bb84.run import run_bb84
+    from qkdlab.experiments.bb84.run import run_bb84, start_alice
     from qkdlab.roles import bb84_roles
     from qkdlab.station import open_station
 
     settings = bb84_settings(args.station, seed=args.seed or 1)
+    out = sys.stdout  # QCoDeS' notes go to stderr; the tour to stdout
     with contextlib.redirect_stdout(sys.stderr), \
             open_station(args.station, seed=args.seed) as loaded:
         roles = bb84_roles(loaded)
-        print(f"mock bench from {args.station}:", file=sys.__stdout__)
+        print(f"mock bench from {args.station}:", file=out)
         for name, instrument in loaded.instruments.items():
             print(f"  {name:<12} {type(instrument).__name__:<22} {_identity(instrument)}",
-                  file=sys.__stdout__)
-        roles.transmitter.configure(seed=settings.seed, p_z=settings.p_z,
-                                    p_signal=settings.p_signal, p_decoy=settings.p_decoy,
-                                    frame_pulses=settings.frame_pulses,
-                                    rep_rate_hz=settings.rep_rate_hz)
-        if roles.laser is not None:
-            roles.laser.output_on()
-        roles.transmitter.start()
+                  file=out)
+        start_alice(roles, settings)
         channels = roles.detectors.channel_list
-        print("\nlaser on; tag rate per detector channel (counts/s):", file=sys.__stdout__)
-        print("  " + "".join(f"{'ch ' + str(c):>12}" for c in channels), file=sys.__stdout__)
+        print("\nlaser on; tag rate per detector channel (counts/s):", file=out)
+        print("  " + "".join(f"{'ch ' + str(c):>12}" for c in channels), file=out)
         for _ in range(max(1, round(args.seconds / 0.2))):
             block = roles.tagger.acquire(0.2)
             counts = block.counts(channels)
             rates = [counts[c] / (block.duration_ps * 1e-12) for c in channels]
-            print("  " + "".join(f"{r:>12,.0f}" for r in rates), file=sys.__stdout__,
+            print("  " + "".join(f"{r:>12,.0f}" for r in rates), file=out,
                   flush=True)
         print(f"\ndecoy-state BB84 over the mock link, {args.run_seconds:g} s:",
-              file=sys.__stdout__, flush=True)
+              file=out, flush=True)
         result = run_bb84(roles, settings, duration_s=args.run_seconds,
                           data_dir=args.data_dir, metadata={"station": str(args.station)},
                           progress=sys.stderr.isatty())

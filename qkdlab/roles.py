@@ -58,6 +58,12 @@ def bb84_roles(loaded: LoadedStation) -> Any:
     others = [i for i in loaded.instruments.values()
               if id(i) not in used and isinstance(i, SafeStateCapable)]
     marker = roles.get("marker_channel")
+    laser_settings = roles.get("laser_settings") or {}
+    if not isinstance(laser_settings, dict) or not all(
+            isinstance(v, int | float) for v in laser_settings.values()):
+        raise StationError(f"{loaded.file.path}: 'qkdlab: roles: laser_settings' must map "
+                           "laser parameter names to numbers")
     return BB84Roles(transmitter=transmitter, tagger=tagger, laser=laser,
                      detectors=DetectorMap(channels),
-                     marker_channel=None if marker is None else int(marker), others=others)
+                     marker_channel=None if marker is None else int(marker), others=others,
+                     laser_settings={str(k): float(v) for k, v in laser_settings.items()})

@@ -50,6 +50,9 @@ class BB84Roles:
     laser: Laser | None = None
     marker_channel: int | None = None
     others: Sequence[SafeStateCapable] = field(default_factory=list)
+    laser_settings: dict[str, float] = field(default_factory=dict)
+    """Laser parameters to set (through the driver's validators and ramps) before the
+    light goes on, e.g. ``{"current": 0.014}``: a safe state ramps them down."""
 
     def safe_state(self) -> list[str]:
         """Every instrument to its safe state; the failures (never raises)."""
@@ -258,7 +261,7 @@ def run_bb84(
             dataset.add_metadata("raw_tags", str(raw_path))
             dataset.add_metadata("status", status)
             try:
-                _start_alice(roles, settings)
+                start_alice(roles, settings)
                 with _progress(duration_s, progress) as bar:
                     stopped = False
                     blocks = _blocks(roles.tagger, duration_s)
@@ -311,7 +314,8 @@ def _result_meta(est: Estimate, processor: FrameProcessor) -> dict[str, Any]:
             "detected": tot.detected.tolist(), "frames": tot.frames}
 
 
-def _start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
+def start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
+    """Restart Alice's pattern with ``settings`` and switch the light on at its operating point."""
     # stop first: the pattern's symbol counter restarts at 0 when it starts, which keeps
     # the pulse offset the sync must find small however long the transmitter ran before
     roles.transmitter.stop()
@@ -319,8 +323,14 @@ def _start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
                                 p_signal=settings.p_signal, p_decoy=settings.p_decoy,
                                 frame_pulses=settings.frame_pulses,
                                 rep_rate_hz=settings.rep_rate_hz)
-    if roles.laser is not None and not roles.laser.is_on():
-        roles.laser.output_on()
+    if roles.laser is not None:
+        parameters = getattr(roles.laser, "parameters", {})
+        for name, value in roles.laser_settings.items():
+            if name not in parameters:
+                raise ValueError(f"laser has no parameter {name!r} (laser_settings)")
+            parameters[name](value)
+        if not roles.laser.is_on():
+            roles.laser.output_on()
     roles.transmitter.start()
 
 
