@@ -17,14 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qkdlab.protocol.bits import binary_entropy
+
 E0 = 0.5  # error rate of background counts (random)
-
-
-def binary_entropy(x: float) -> float:
-    """H2(x) = -x log2 x - (1-x) log2(1-x), with H2(0) = H2(1) = 0."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0
-    return -x * math.log2(x) - (1.0 - x) * math.log2(1.0 - x)
 
 
 def transmittance(eta_bob: float, alpha_db_per_km: float, distance_km: float) -> float:
