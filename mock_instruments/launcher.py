@@ -13,10 +13,10 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from qkdlab.mock_instruments.server.tcp import TcpServer
+from qkdlab.mock_instruments.server.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,33 @@ MOCKS: dict[str, str] = {
     "idquantique/id120": "qkdlab.mock_instruments.idquantique.id120:serve",
     "idquantique/id900": "qkdlab.mock_instruments.idquantique.time_controller:serve",
     "idquantique/id1000": "qkdlab.mock_instruments.idquantique.time_controller:serve",
+    "thorlabs/ell14": "qkdlab.mock_instruments.thorlabs.ell14:serve",
+    "thorlabs/pm100d": "qkdlab.mock_instruments.thorlabs.pm100d:serve",
+    "singlequantum/snspd": "qkdlab.mock_instruments.singlequantum.snspd:serve",
+    # vendor libraries, not transports: the driver gets the fake library in-process
+    "swabian/ultra": "qkdlab.mock_instruments.swabian.launch:serve_ultra",
+    "swabian/tt20": "qkdlab.mock_instruments.swabian.launch:serve_tt20",
+    # PTU files replayed by the vendor's snAPI as a file device
+    "picoquant/hydraharp": "qkdlab.mock_instruments.picoquant.ptu:serve_hydraharp",
+    "picoquant/multiharp150": "qkdlab.mock_instruments.picoquant.ptu:serve_multiharp150",
+    "picoquant/multiharp160": "qkdlab.mock_instruments.picoquant.ptu:serve_multiharp160",
 }
 
-MockFactory = Callable[[str, Any, Mapping[str, str]], TcpServer]
+class MockServer(Protocol):
+    """What the launcher needs of a mock: a TCP server, or an in-process fake library
+    that also has ``driver_kwargs`` (handed to the driver instead of an address)."""
+
+    faults: FaultInjector
+
+    @property
+    def address(self) -> str: ...
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+MockFactory = Callable[[str, Any, Mapping[str, str]], MockServer]
 
 
 class MockAddressError(ValueError):
@@ -86,8 +110,9 @@ class MockLauncher:
 
         self.seed = seed
         self.bench = Bench(config_from_mapping(bench_overrides or {}), seed=seed)
-        self.servers: dict[str, TcpServer] = {}
+        self.servers: dict[str, MockServer] = {}
         self.models: dict[str, str] = {}
+        self.driver_kwargs: dict[str, dict[str, Any]] = {}
 
     def start(self, name: str, address: str) -> str:
         """Start the mock named by ``address`` for instrument ``name``; its real address."""
@@ -98,6 +123,9 @@ class MockLauncher:
         server.start()
         self.servers[name] = server
         self.models[name] = parsed.model
+        kwargs = getattr(server, "driver_kwargs", None)
+        if kwargs is not None:
+            self.driver_kwargs[name] = dict(kwargs)
         real = server.address
         log.info("mock %s (%s) serving at %s", name, parsed.model, real)
         return real

@@ -197,6 +197,8 @@ def resolve_mocks(station_file: StationFile, launcher: MockLauncher) -> dict[str
             if entry["address"].startswith("TCPIP::"):
                 init.setdefault("visalib", "@py")
             entry["init"] = init
+            if name in launcher.driver_kwargs:  # an in-process fake library, no transport
+                del entry["address"]
         resolved[name] = entry
     return resolved
 
@@ -246,13 +248,14 @@ class LoadedStation:
             self.launcher.stop()
 
 
-def connect_instrument(station: Station, station_file: StationFile, name: str) -> Instrument:
+def connect_instrument(station: Station, station_file: StationFile, name: str,
+                       **driver_kwargs: Any) -> Instrument:
     """Load one instrument into ``station``; a :class:`StationError` naming it if it fails."""
     entry = station_file.instruments[name]
     where = f"{station_file.where(name)}: instrument {name!r}"
     import_driver(entry["type"], where)
     try:
-        instrument: Instrument = station.load_instrument(name)
+        instrument: Instrument = station.load_instrument(name, **driver_kwargs)
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StationError(
@@ -316,7 +319,8 @@ def open_station(
         station.load_config(dump_station(entries))
         loaded = LoadedStation(station=station, file=station_file, launcher=launcher)
         for name in only or list(station_file.instruments):
-            connect_instrument(station, station_file, name)
+            extra = launcher.driver_kwargs.get(name, {}) if launcher is not None else {}
+            connect_instrument(station, station_file, name, **extra)
         yield loaded
     finally:
         if loaded is not None:

@@ -1,0 +1,1 @@
+"""Drivers for Single Quantum instruments (SNSPD systems driven through WebSQ)."""

@@ -1,0 +1,1 @@
+"""Mock twins of Single Quantum instruments (SNSPD systems driven through WebSQ)."""
