@@ -1,0 +1,1 @@
+"""Swabian Instruments time taggers (through the vendor's Python library)."""
