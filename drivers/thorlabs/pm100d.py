@@ -1,0 +1,212 @@
+"""Thorlabs PM100D power meter: ``qcodes_contrib_drivers``' driver behind the PowerMeter role.
+
+The instrument driver is ``qcodes_contrib_drivers.drivers.Thorlabs.PM100D.Thorlab_PM100D``
+(package ``qcodes_contrib_drivers`` 0.24.x), used as it is; this module only subclasses
+it to satisfy :class:`qkdlab.drivers.roles.PowerMeter` and to repair three parameters
+whose upstream definitions cannot work against the instrument:
+
+==================  =====================================  ===========================
+Parameter           Upstream (0.24.1)                      Here
+==================  =====================================  ===========================
+``averaging``       ``set_cmd='AVER'`` sends no value;     ``SENS:AVER:COUN <n>`` /
+                    ``AVER?`` returns a string             ``SENS:AVER:COUN?``, int
+``wavelength``      ``SENS:CORR:WAV?`` reply (a string)    reply parsed as float, nm
+                    is divided by ``scale`` → TypeError    → m as upstream
+``beam_diameter``   same with ``CORR:BEAM?`` (mm → m)      reply parsed as float
+==================  =====================================  ===========================
+
+Upstream's constructor still sends the bare ``AVER`` (the meter queues ``-109,"Missing
+parameter"``); :class:`ThorlabsPM100D` reads that entry off the error queue, logs it,
+and then sets the averaging it was asked for.  Upstream's constructor also sleeps about
+5.4 s (status filter set-up) and each ``power`` read about 0.2 s — the instrument's own
+pace as upstream chose it.
+
+Commands, all from the *PM100D Operation Manual*, chapter 6.4 "PM100D SCPI Commands"
+(6.4.1 syntax, 6.4.2.2 reference; see :mod:`qkdlab.mock_instruments.thorlabs.pm100d`
+for which pages could be read):
+
+==========================  ==============================================  ============
+Member                      Command(s)                                      from
+==========================  ==============================================  ============
+construction                ``STAT:OPER:PTR 512``, ``STAT:OPER:NTR 0``,     upstream
+                            ``STAT:OPER?``, ``AVER``, ``CONF:POW``,
+                            ``ABOR;:STAT:OPER?``, ``INIT``, ``*IDN?``
+                            then ``SYST:ERR?`` (drain), ``SENS:AVER:COUN``  adapter
+``power`` (W),              ``CONF:POW``, ``ABOR;:STAT:OPER?``, ``INIT``,   upstream
+``read_power_w()``          ``MEAS:POW``, ``FETC?``
+``averaging``               ``SENS:AVER:COUN? / <n>``                       adapter
+``wavelength`` (m)          ``SENS:CORR:WAV? / <nm>``                       upstream+fix
+``attenuation`` (dB)        ``CORR? / CORR <dB>``                           upstream
+``power_range`` (W)         ``SENS:POW:RANG:UPP? / <W>``                    upstream
+``auto_range``              ``SENS:POW:RANG:AUTO? / 0|1``                   upstream
+``frequency`` (Hz)          ``MEAS:FREQ?``                                  upstream
+``current`` (A)             ``MEAS:CURR?``                                  upstream
+``current_range`` (A)       ``SENS:CURR:RANG:UPP?``                         upstream
+``zero_value`` (W)          ``CORR:COLL:ZERO:MAGN?``                        upstream
+``beam_diameter`` (m)       ``CORR:BEAM? / <mm>``                           upstream+fix
+``zero()``                  ``CORR:COLL:ZERO``                              adapter
+``reset()``                 ``*RST`` (6.4.2.2.4)                            adapter
+``error_queue()``           ``SYST:ERR?`` until ``+0``                      adapter
+==========================  ==============================================  ============
+
+A PM100D is never unsafe to leave as it is; the role has no ``safe_state``.  Reply
+timeouts and unreadable replies surface as QCoDeS adds them: the pyvisa or decoding
+error with ``"asking '<command>' to <ThorlabsPM100D: name>"`` appended.  After a dropped
+link call :meth:`ThorlabsPM100D.reconnect`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from qcodes import validators as vals
+from qcodes.parameters import Parameter
+from qcodes_contrib_drivers.drivers.Thorlabs.PM100D import Thorlab_PM100D
+
+AVERAGING_RANGE = (1, 10000)
+"""Averaging counts the adapter accepts (samples per reading)."""
+
+
+class PM100DError(Exception):
+    """The meter reported errors, or could not be reached again."""
+
+    def __init__(self, message: str, errors: list[tuple[int, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])
+
+
+class ThorlabsPM100D(Thorlab_PM100D):
+    """Thorlabs PM100D console (``Thorlab_PM100D`` from ``qcodes_contrib_drivers``).
+
+    Satisfies :class:`qkdlab.drivers.roles.PowerMeter`.
+
+    Args:
+        name: QCoDeS instrument name.
+        address: VISA resource (``USB0::0x1313::0x8078::<serial>::INSTR``; the mock:
+            ``TCPIP::127.0.0.1::<port>::SOCKET``).
+        averaging: samples averaged per reading, set after upstream's construction.
+        settle_s: wait after arming the status transition filters at connection; upstream
+            sleeps 5 s unconditionally, which a mock (or a meter known to be idle) does
+            not need.
+        **kwargs: forwarded to ``Thorlab_PM100D`` (``terminator``, ``timeout`` in s,
+            ``visalib``, ``pyvisa_sim_file``, ...).
+    """
+
+    def __init__(self, name: str, address: str, *, averaging: int = 300,
+                 settle_s: float = 5.0, **kwargs: Any) -> None:
+        lo, hi = AVERAGING_RANGE
+        if not lo <= averaging <= hi:
+            raise ValueError(f"averaging must be in [{lo}, {hi}], got {averaging!r}")
+        if settle_s < 0:
+            raise ValueError(f"settle_s must be >= 0 s, got {settle_s!r}")
+        self._settle_s = float(settle_s)
+        super().__init__(name, address, **kwargs)
+        self._visalib: str | None = kwargs.get("visalib")
+        if self.visabackend == "sim":
+            self._visalib = f"{self.visa_handle.visalib.library_path}@sim"
+        stale = self.error_queue()
+        if stale:
+            self.log.info(f"errors queued during construction (upstream's bare 'AVER'): {stale}")
+
+        # -- repaired upstream parameters ---------------------------------------------
+        self.remove_parameter("averaging")
+        self.averaging: Parameter = self.add_parameter(
+            "averaging",
+            label="Averaging count",
+            unit="",
+            get_cmd="SENS:AVER:COUN?",
+            get_parser=lambda reply: round(float(reply)),
+            set_cmd="SENS:AVER:COUN {:d}",
+            vals=vals.Ints(lo, hi),
+            docstring=(
+                "Samples averaged per reading ([SENSe:]AVERage[:COUNt], manual 6.4); "
+                "replaces upstream's parameter, whose set sends no value."
+            ),
+        )
+        """Samples averaged per reading."""
+        self.wavelength.get_parser = float  # upstream divides the raw reply string by 1e9
+        self.beam_diameter.get_parser = float
+        self.averaging(averaging)
+
+    # -- PowerMeter role ------------------------------------------------------------------
+    def _set_transition_filter(self, positive: int, negative: int) -> None:
+        """Upstream's sequence (``STAT:OPER:PTR/NTR`` then read the register to clear it)
+        with its unconditional 5 s wait replaced by ``settle_s``."""
+        self.write(f"STAT:OPER:PTR {positive}")
+        time.sleep(min(0.2, self._settle_s))
+        self.write(f"STAT:OPER:NTR {negative}")
+        time.sleep(self._settle_s)
+        self.ask("STAT:OPER?")
+        time.sleep(min(0.2, self._settle_s))
+
+    def read_power_w(self) -> float:
+        """Optical power (W): a fresh measurement through upstream's ``power``."""
+        return float(self.power.get())
+
+    # -- small additions ------------------------------------------------------------------
+    def zero(self) -> None:
+        """Zero adjustment (``CORR:COLL:ZERO``); cover the sensor first."""
+        self.write("CORR:COLL:ZERO")
+        self.zero_value.cache.invalidate()
+
+    def reset(self) -> None:
+        """``*RST`` (manual 6.4.2.2.4): defaults restored; caches cleared."""
+        self.write("*RST")
+        for parameter in self.parameters.values():
+            if parameter.gettable and parameter.name not in ("IDN", "timeout"):
+                parameter.cache.invalidate()
+
+    def error_queue(self, max_reads: int = 32) -> list[tuple[int, str]]:
+        """Read and empty the error queue: ``[(code, message), ...]``, oldest first."""
+        errors: list[tuple[int, str]] = []
+        for _ in range(max_reads):
+            reply = self.ask("SYST:ERR?")
+            code_text, _, message = reply.partition(",")
+            try:
+                code = int(code_text)
+            except ValueError:
+                raise PM100DError(
+                    f"{self.name}: reply {reply!r} to 'SYST:ERR?' is not '<code>,\"<message>\"'"
+                ) from None
+            if code == 0:
+                return errors
+            errors.append((code, message.strip().strip('"')))
+        raise PM100DError(f"{self.name}: error queue not empty after {max_reads} reads", errors)
+
+    def check_errors(self) -> None:
+        """Raise :class:`PM100DError` if the meter queued any error."""
+        errors = self.error_queue()
+        if errors:
+            listed = "; ".join(f'{code},"{message}"' for code, message in errors)
+            raise PM100DError(f"{self.name} reported error(s): {listed}", errors)
+
+    def reconnect(self, attempts: int = 10, wait_s: float = 0.2) -> None:
+        """Reopen the VISA resource after a dropped link and check ``*IDN?``.
+
+        Raises :class:`PM100DError` if the meter does not answer in ``attempts`` tries.
+        """
+        import pyvisa.errors
+
+        address = self.visa_handle.resource_name
+        timeout_ms = self.visa_handle.timeout
+        terminator = self.visa_handle.write_termination
+        last: Exception | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(wait_s)
+            try:
+                self.set_address(address, self._visalib)
+                self.set_terminator(terminator)
+                self.visa_handle.timeout = timeout_ms
+                reply = self.visa_handle.query("*IDN?")
+            except (pyvisa.errors.Error, OSError, UnicodeDecodeError) as err:
+                last = err
+                continue
+            if reply.upper().startswith("THORLABS"):
+                self.log.info(f"reconnected to {address} after {attempt + 1} attempt(s)")
+                return
+            last = PM100DError(f"unexpected *IDN? reply {reply!r}")
+        raise PM100DError(
+            f"{self.name}: could not reconnect to {address} in {attempts} attempts: {last}"
+        ) from last
