@@ -144,6 +144,11 @@ class KeyStore:
             os.close(fd)
 
     # -- reading ---------------------------------------------------------------------
+    def file_of(self, key_id: str) -> Path:
+        """Path of a stored key's file."""
+        self._check_id(key_id)
+        return self._file(key_id)
+
     def _file(self, key_id: str) -> Path:
         return self.path / f"{key_id}{_SUFFIX}"
 

@@ -57,7 +57,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument("--station", type=Path, default=DEFAULT_MOCK_STATION)
     demo.add_argument("--seconds", type=float, default=1.0,
                       help="how long to show live count rates (s)")
-    demo.add_argument("--run-seconds", type=float, default=2.0,
+    demo.add_argument("--run-seconds", type=float, default=4.0,
                       help="length of the BB84 run (s of tagger time)")
     demo.add_argument("--data-dir", type=Path, default=Path("data"))
     demo.add_argument("--seed", type=int, default=None)
@@ -338,7 +338,16 @@ def format_bb84_summary(s: dict[str, Any]) -> str:
         f"({num(s['key_rate_per_pulse'])} per pulse)",
         f"  sync                 period {num(s['sync_period_ps'], '.4f')} ps, "
         f"drift {num(s['sync_drift_ppm'], '+.4f')} ppm",
+        f"  error correction     {s['ec_disclosed_bits']:,} bits disclosed, "
+        f"f = {num(s['ec_efficiency'], '.3f')}",
+        f"  privacy amplif.      {s['pa_input_bits']:,} -> {s['pa_output_bits']:,} bits "
+        f"(authentication used {s['auth_key_used_bits']:,})",
+        f"  secure key           {s['secure_key_bits']:,} bits "
+        f"({num(s['secure_key_rate_bps'], ',.0f')} bit/s)",
     ]
+    if s.get("key_file"):
+        lines.append(f"  key files            {s['key_file']} (Alice), {s['bob_key_file']} "
+                     f"(Bob), identical: {s['keys_match']}")
     if s["aborted"]:
         lines.append(f"  ABORTED: {s['abort_reason']}")
     lines += [f"  dataset              #{s['dataset']} in {s['database']}",

@@ -156,9 +156,12 @@ class RunTotals:
     before_start: int = 0
     lost_tags: int = 0
     overflow_frames: int = 0
-    key_alice: list[npt.NDArray[np.uint8]] = field(default_factory=list, repr=False)
-    key_bob: list[npt.NDArray[np.uint8]] = field(default_factory=list, repr=False)
-    key_intensity: list[npt.NDArray[np.int8]] = field(default_factory=list, repr=False)
+    # sifted bits of both bases, in pulse order (never printed: raw key material)
+    sifted_pulse: list[npt.NDArray[np.int64]] = field(default_factory=list, repr=False)
+    sifted_basis: list[npt.NDArray[np.int8]] = field(default_factory=list, repr=False)
+    sifted_intensity: list[npt.NDArray[np.int8]] = field(default_factory=list, repr=False)
+    sifted_alice: list[npt.NDArray[np.uint8]] = field(default_factory=list, repr=False)
+    sifted_bob: list[npt.NDArray[np.uint8]] = field(default_factory=list, repr=False)
 
     def add(self, stats: FrameStats) -> None:
         self.frames += 1
@@ -188,12 +191,22 @@ class RunTotals:
         sent = self.pulses * probs[intensity]
         return float(self.detected[intensity] / sent) if sent else math.nan
 
+    def sifted_arrays(self) -> dict[str, npt.NDArray[Any]]:
+        """Every sifted bit of the run: pulse, basis, intensity, Alice's and Bob's bit."""
+        def cat(parts: list[npt.NDArray[Any]], dtype: Any) -> npt.NDArray[Any]:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+        return {"pulse": cat(self.sifted_pulse, np.int64),
+                "basis": cat(self.sifted_basis, np.int8),
+                "intensity": cat(self.sifted_intensity, np.int8),
+                "alice": cat(self.sifted_alice, np.uint8),
+                "bob": cat(self.sifted_bob, np.uint8)}
+
     def raw_key(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
         """Alice's and Bob's Z-basis sifted bits over the run, in pulse order."""
-        if not self.key_alice:
-            empty = np.zeros(0, np.uint8)
-            return empty, empty
-        return np.concatenate(self.key_alice), np.concatenate(self.key_bob)
+        arrays = self.sifted_arrays()
+        z = arrays["basis"] == 0
+        return arrays["alice"][z], arrays["bob"][z]
 
 
 HISTOGRAM_BINS = 100
@@ -284,10 +297,11 @@ class FrameProcessor:
         det_basis = [self.detectors.channels[ch][0] for ch in self.detectors.channel_list]
         det_bit = [self.detectors.channels[ch][1] for ch in self.detectors.channel_list]
         sifted = sift(pulse_index, detector, basis, bit, intensity, det_basis, det_bit, rng)
-        z = sifted.basis == 0
-        self.totals.key_alice.append(sifted.alice_bit[z])
-        self.totals.key_bob.append(sifted.bob_bit[z])
-        self.totals.key_intensity.append(sifted.intensity[z])
+        self.totals.sifted_pulse.append(sifted.pulse_index)
+        self.totals.sifted_basis.append(sifted.basis)
+        self.totals.sifted_intensity.append(sifted.intensity)
+        self.totals.sifted_alice.append(sifted.alice_bit)
+        self.totals.sifted_bob.append(sifted.bob_bit)
         sol = self.solution
         pulses = self._pulses_in(block, sol)
         counts = {int(c): int(n) for c, n in zip(*np.unique(block.channel, return_counts=True),

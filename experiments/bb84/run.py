@@ -33,6 +33,7 @@ from qkdlab.experiments.bb84.processing import (
     estimate,
 )
 from qkdlab.experiments.bb84.rawtags import RawTagWriter
+from qkdlab.experiments.bb84.secure_key import Distilled, distill
 from qkdlab.experiments.bb84.sync import DetectorMap, SyncError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class BB84Result:
     raw_tags: str
     sync: dict[str, float]
     wall_time_s: float
+    key: Distilled | None = None
+    duration_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """The figures of the run (the ``--json`` output)."""
@@ -114,10 +117,33 @@ class BB84Result:
             "dataset_guid": self.dataset_guid,
             "database": self.database,
             "raw_tags": self.raw_tags,
-            "aborted": est.aborted or self.status != "completed",
-            "abort_reason": est.abort_reason if self.status == "completed" else self.status,
+            **self._key_summary(),
             "wall_time_s": round(self.wall_time_s, 3),
         }
+
+    def _key_summary(self) -> dict[str, Any]:
+        est = self.estimate
+        reason = est.abort_reason if self.status == "completed" else self.status
+        aborted = est.aborted or self.status != "completed"
+        out: dict[str, Any] = {"secure_key_bits": 0, "secure_key_rate_bps": 0.0,
+                               "ec_efficiency": None, "ec_disclosed_bits": 0,
+                               "pa_input_bits": 0, "pa_output_bits": 0,
+                               "auth_key_used_bits": 0, "key_file": None}
+        if self.key is not None:
+            bob = self.key.bob.summary()
+            out.update({k: bob[k] for k in ("secure_key_bits", "ec_efficiency",
+                                            "ec_disclosed_bits", "pa_input_bits",
+                                            "pa_output_bits", "auth_key_used_bits")})
+            out["secure_key_rate_bps"] = (bob["secure_key_bits"] / self.duration_s
+                                          if self.duration_s > 0 else 0.0)
+            out["key_file"] = self.key.alice_key_file
+            out["bob_key_file"] = self.key.bob_key_file
+            out["keys_match"] = self.key.keys_match
+            out["auth_pool"] = self.key.pool_source
+            if not aborted and self.key.alice.aborted:
+                aborted, reason = True, self.key.alice.reason
+        out.update({"aborted": aborted, "abort_reason": reason if aborted else None})
+        return out
 
 
 def _num(x: float) -> float | None:
@@ -202,6 +228,7 @@ def run_bb84(
     publish: Publisher | None = None,
     on_frame: Callable[[FrameStats], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    distill_key: bool = True,
 ) -> BB84Result:
     """Run decoy-state BB84 for ``duration_s`` seconds of tagger time.
 
@@ -216,6 +243,8 @@ def run_bb84(
         on_frame: called with each frame's results (e.g. to inject faults in tests).
         stop_requested: polled after every block; True ends the run early but cleanly
             (status ``stopped``), e.g. a Stop button in the GUI.
+        distill_key: post-process a completed, non-aborted run into a secure key
+            (keys in ``data_dir/keys/alice`` and ``.../bob``).
     """
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0 s, got {duration_s}")
@@ -253,6 +282,7 @@ def run_bb84(
     started = time.perf_counter()
     dataset_id: int | None = None
     guid: str | None = None
+    key: Distilled | None = None
     try:
         with meas.run() as saver, RawTagWriter(raw_path, record_meta) as raw:
             dataset = saver.dataset
@@ -293,6 +323,11 @@ def run_bb84(
                 dataset.add_metadata("raw_tags_blocks", str(raw.blocks))
                 est = estimate(processor.totals, settings)
                 dataset.add_metadata("qkdlab_result", json.dumps(_result_meta(est, processor)))
+                if distill_key and status == "completed" and not est.aborted:
+                    key = distill(processor.totals, settings, data_dir / "keys", run_id)
+                    dataset.add_metadata("qkdlab_key", json.dumps(
+                        {"alice": key.alice.summary(), "bob": key.bob.summary(),
+                         "key_file": key.alice_key_file, "auth_pool": key.pool_source}))
     finally:
         roles.safe_state()
     sol = processor.solution
@@ -302,7 +337,8 @@ def run_bb84(
                       totals=processor.totals, estimate=estimate(processor.totals, settings),
                       dataset_id=dataset_id, dataset_guid=guid, database=str(database),
                       raw_tags=str(raw_path), sync=sync,
-                      wall_time_s=time.perf_counter() - started)
+                      wall_time_s=time.perf_counter() - started, key=key,
+                      duration_s=processor.totals.pulses / settings.rep_rate_hz)
 
 
 def _result_meta(est: Estimate, processor: FrameProcessor) -> dict[str, Any]:

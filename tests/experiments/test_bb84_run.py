@@ -21,7 +21,8 @@ from qkdlab.roles import bb84_roles
 from qkdlab.station import LoadedStation, open_station
 
 # light-load detectors for the closed-form comparison: no dead-time or afterpulse bias
-IDEAL_DETECTORS = {"detectors": {"efficiency": 0.2, "dark_count_cps": 200.0,
+IDEAL_DETECTORS = {"z_fraction": 0.5,
+                   "detectors": {"efficiency": 0.2, "dark_count_cps": 200.0,
                                  "dead_time_s": 2e-9, "afterpulse_prob": 0.0}}
 
 
@@ -216,3 +217,39 @@ def test_a_second_run_on_the_same_bench_syncs_again(tmp_path: Path) -> None:
         loaded.launcher.bench.acquire(0.5)  # type: ignore[union-attr]
         second = run(loaded, tmp_path)
     assert first.status == second.status == "completed"
+
+
+def test_a_long_enough_run_ends_with_identical_secure_keys(tmp_path: Path) -> None:
+    # efficient BB84 (p_z 0.8), 4 s at 100 MHz: enough pulses for Lim et al.'s bounds
+    with mock_bench() as loaded:
+        result = run(loaded, tmp_path, duration_s=4.0)
+    summary = result.summary()
+    assert summary["status"] == "completed"
+    assert not summary["aborted"], summary["abort_reason"]
+    assert summary["keys_match"]
+    assert summary["secure_key_bits"] > 0
+    # the net key is the amplified key less the authentication key it repaid
+    assert summary["secure_key_bits"] == summary["pa_output_bits"] - summary[
+        "auth_key_used_bits"]
+    assert 1.0 < summary["ec_efficiency"] < 1.1
+    from qkdlab.protocol.keystore import KeyStore
+
+    alice = KeyStore(tmp_path / "keys" / "alice")
+    bob = KeyStore(tmp_path / "keys" / "bob")
+    (a_rec,), (b_rec,) = alice.list(), bob.list()
+    assert np.array_equal(alice.load(a_rec.key_id), bob.load(b_rec.key_id))
+    assert (Path(summary["key_file"]).stat().st_mode & 0o777) == 0o600
+    # the authentication key it used went back into the pool store for the next block
+    assert sum(r.n_bits for r in KeyStore(tmp_path / "keys" / "auth_pool").list()) == \
+        summary["auth_key_used_bits"]
+
+
+def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
+    with mock_bench(channel={"eve_fraction": 1.0}) as loaded:
+        result = run(loaded, tmp_path, duration_s=0.4)
+    summary = result.summary()
+    assert summary["aborted"]
+    assert summary["secure_key_bits"] == 0
+    assert summary["key_file"] is None
+    assert not (tmp_path / "keys" / "alice").exists() or not list(
+        (tmp_path / "keys" / "alice").iterdir())
