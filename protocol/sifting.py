@@ -7,15 +7,18 @@ clicks in one basis only give that basis and a random bit when the bits disagree
 in both bases give a random basis and bit (Lütkenhaus' squashing for BB84 detectors).
 
 Conventions: basis 0 = Z, 1 = X; intensity 0 = signal, 1 = decoy, 2 = vacuum.
-All work is vectorised over detections.
+One compiled pass over the detections (numba: the per-pulse group-by of multi-clicks
+is sequential by nature); no Python loop per detection.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numba import njit
 
 N_BASES = 2
 N_INTENSITIES = 3
@@ -90,55 +93,83 @@ def sift(
     """
     det_basis = np.asarray(detector_basis, dtype=np.int8)
     det_bit = np.asarray(detector_bit, dtype=np.int8)
-    order = np.argsort(pulse_index, kind="stable")
-    pulses = np.asarray(pulse_index)[order]
-    b_basis = det_basis[np.asarray(detector)[order]]
-    b_bit = det_bit[np.asarray(detector)[order]]
-    a_basis = np.asarray(alice_basis)[order]
-    a_bit = np.asarray(alice_bit)[order]
-    a_int = np.asarray(alice_intensity)[order]
-
-    # group the rows of one pulse: first row of each group and group sizes
-    if pulses.size:
-        starts = np.flatnonzero(np.r_[True, pulses[1:] != pulses[:-1]])
+    pulse_index = np.asarray(pulse_index, dtype=np.int64)
+    if pulse_index.size < 2 or bool(np.all(pulse_index[1:] >= pulse_index[:-1])):
+        order = None  # tags in time order: usually already sorted by pulse
     else:
-        starts = np.zeros(0, dtype=np.int64)
-    sizes = np.diff(np.r_[starts, pulses.size])
-    uniq = pulses[starts]
+        order = np.argsort(pulse_index, kind="stable")
 
-    basis_min = np.minimum.reduceat(b_basis, starts) if starts.size else b_basis[:0]
-    basis_max = np.maximum.reduceat(b_basis, starts) if starts.size else b_basis[:0]
-    bit_min = np.minimum.reduceat(b_bit, starts) if starts.size else b_bit[:0]
-    bit_max = np.maximum.reduceat(b_bit, starts) if starts.size else b_bit[:0]
-    cross = basis_min != basis_max
-    bob_basis = basis_min.copy()
-    bob_basis[cross] = rng.integers(0, 2, size=int(cross.sum()), dtype=np.int8)
-    # within one basis, disagreeing clicks give a random bit; cross-basis: random bit too
-    conflict = cross | (bit_min != bit_max)
-    bob_bit = bit_min.astype(np.uint8)
-    bob_bit[conflict] = rng.integers(0, 2, size=int(conflict.sum()), dtype=np.uint8)
+    def take(a: npt.ArrayLike, dtype: type) -> npt.NDArray[Any]:
+        arr: npt.NDArray[Any] = np.asarray(a, dtype=dtype)
+        return arr if order is None else arr[order]
 
-    g_basis, g_bit, g_int = a_basis[starts], a_bit[starts], a_int[starts]
-    detected = np.bincount(g_int.astype(np.int64), minlength=N_INTENSITIES)[:N_INTENSITIES]
-    keep = bob_basis == g_basis
-    s_basis, s_int = g_basis[keep], g_int[keep]
-    s_alice = g_bit[keep].astype(np.uint8)
-    s_bob = bob_bit[keep]
-    cell = s_basis.astype(np.int64) * N_INTENSITIES + s_int
-    sifted = np.bincount(cell, minlength=N_BASES * N_INTENSITIES).reshape(N_BASES, N_INTENSITIES)
-    wrong = s_alice != s_bob
-    errors = np.bincount(cell[wrong], minlength=N_BASES * N_INTENSITIES).reshape(
-        N_BASES, N_INTENSITIES
-    )
+    pulses = take(pulse_index, np.int64)
+    det = take(detector, np.int64)
+    # random basis/bit for squashed multi-clicks: drawn up front (one per row), so the
+    # result is a pure function of the inputs and the generator's state
+    coin_basis = rng.integers(0, 2, size=pulses.size, dtype=np.int8)
+    coin_bit = rng.integers(0, 2, size=pulses.size, dtype=np.uint8)
+    (uniq, s_basis, s_int, s_alice, s_bob, detected, sifted, errors, doubles,
+     cross) = _sift_kernel(pulses, det_basis[det], det_bit[det], take(alice_basis, np.int8),
+                           take(alice_bit, np.int8), take(alice_intensity, np.int8),
+                           coin_basis, coin_bit)
     return SiftResult(
-        pulse_index=uniq[keep].astype(np.int64),
-        basis=s_basis,
-        intensity=s_int,
-        alice_bit=s_alice,
-        bob_bit=s_bob,
-        detected=detected.astype(np.int64),
-        sifted=sifted.astype(np.int64),
-        errors=errors.astype(np.int64),
-        double_clicks=int(np.count_nonzero(sizes > 1)),
-        cross_basis_clicks=int(np.count_nonzero(cross)),
+        pulse_index=uniq, basis=s_basis, intensity=s_int, alice_bit=s_alice,
+        bob_bit=s_bob, detected=detected, sifted=sifted, errors=errors,
+        double_clicks=int(doubles), cross_basis_clicks=int(cross),
     )
+
+
+@njit(cache=True)
+def _sift_kernel(pulses: IntArray, b_basis: SmallArray, b_bit: SmallArray,
+                 a_basis: SmallArray, a_bit: SmallArray, a_int: SmallArray,
+                 coin_basis: SmallArray, coin_bit: npt.NDArray[np.uint8]) -> tuple[Any, ...]:
+    """One pass over detections sorted by pulse: squash each pulse's clicks, keep the
+    pulses where Bob's basis matches Alice's, count per basis and intensity."""
+    n = pulses.size
+    uniq = np.empty(n, np.int64)
+    s_basis = np.empty(n, np.int8)
+    s_int = np.empty(n, np.int8)
+    s_alice = np.empty(n, np.uint8)
+    s_bob = np.empty(n, np.uint8)
+    detected = np.zeros(N_INTENSITIES, np.int64)
+    sifted = np.zeros((N_BASES, N_INTENSITIES), np.int64)
+    errors = np.zeros((N_BASES, N_INTENSITIES), np.int64)
+    doubles = 0
+    cross_count = 0
+    k = 0
+    i = 0
+    while i < n:
+        j = i + 1
+        bmin = b_basis[i]
+        bmax = b_basis[i]
+        vmin = b_bit[i]
+        vmax = b_bit[i]
+        while j < n and pulses[j] == pulses[i]:
+            bmin = min(bmin, b_basis[j])
+            bmax = max(bmax, b_basis[j])
+            vmin = min(vmin, b_bit[j])
+            vmax = max(vmax, b_bit[j])
+            j += 1
+        if j - i > 1:
+            doubles += 1
+        cross = bmin != bmax
+        if cross:
+            cross_count += 1
+        basis = coin_basis[i] if cross else bmin
+        bit = coin_bit[i] if (cross or vmin != vmax) else np.uint8(vmin)
+        klass = a_int[i]
+        detected[klass] += 1
+        if basis == a_basis[i]:
+            uniq[k] = pulses[i]
+            s_basis[k] = basis
+            s_int[k] = klass
+            s_alice[k] = np.uint8(a_bit[i])
+            s_bob[k] = bit
+            sifted[basis, klass] += 1
+            if s_alice[k] != bit:
+                errors[basis, klass] += 1
+            k += 1
+        i = j
+    return (uniq[:k], s_basis[:k], s_int[:k], s_alice[:k], s_bob[:k], detected, sifted,
+            errors, doubles, cross_count)

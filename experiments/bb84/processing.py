@@ -215,18 +215,24 @@ HISTOGRAM_BINS = 100
 def folded_histogram(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
                      solution: SyncSolution, detectors: DetectorMap) -> list[list[int]]:
     """Per detector, tag counts folded on the period around each pulse (all tags)."""
-    period = solution.period_ps
+    chans = detectors.channel_list
+    lut_delay = np.zeros(int(max(chans)) + 1)
+    lut_row = np.full(lut_delay.size, -1, dtype=np.int64)
+    for i, ch in enumerate(chans):
+        lut_delay[ch] = solution.channel_delay_ps[ch]
+        lut_row[ch] = i
+    known = (channel >= 0) & (channel < lut_row.size)
+    t, c = time_ps[known], channel[known].astype(np.int64)
+    row = lut_row[c]
     base = round(solution.origin_ps)
-    out = []
-    for ch in detectors.channel_list:
-        t = time_ps[channel == ch]
-        x = (t - base).astype(np.float64) - (solution.origin_ps - base) \
-            - solution.channel_delay_ps[ch]
-        phase = (x / period + 0.5) % 1.0
-        counts = np.bincount((phase * HISTOGRAM_BINS).astype(np.int64),
-                             minlength=HISTOGRAM_BINS)[:HISTOGRAM_BINS]
-        out.append(counts.tolist())
-    return out
+    x = (t - base).astype(np.float64) - (solution.origin_ps - base) - lut_delay[c]
+    phase = x / solution.period_ps + 0.5
+    phase -= np.floor(phase)
+    bins = np.minimum((phase * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+    keep = row >= 0
+    flat = np.bincount(row[keep] * HISTOGRAM_BINS + bins[keep],
+                       minlength=len(chans) * HISTOGRAM_BINS)
+    return flat.reshape(len(chans), HISTOGRAM_BINS).tolist()
 
 
 class FrameProcessor:
@@ -288,7 +294,7 @@ class FrameProcessor:
             raise SyncError("not synchronised")
         s = self.settings
         result = assign(block.time_ps, block.channel, self.solution, self.detectors,
-                        s.acceptance_ps)
+                        s.acceptance_ps, histogram_bins=HISTOGRAM_BINS)
         started = result.pulse_index >= 0
         pulse_index = result.pulse_index[started]
         detector = result.detector[started]
@@ -304,8 +310,8 @@ class FrameProcessor:
         self.totals.sifted_bob.append(sifted.bob_bit)
         sol = self.solution
         pulses = self._pulses_in(block, sol)
-        counts = {int(c): int(n) for c, n in zip(*np.unique(block.channel, return_counts=True),
-                                                 strict=True)}
+        present = np.bincount(block.channel[block.channel >= 0].astype(np.int64))
+        counts = {int(c): int(n) for c, n in enumerate(present) if n}
         stats = FrameStats(
             frame=self._frame, start_ps=block.start_ps, stop_ps=block.stop_ps, pulses=pulses,
             counts=counts, detected=[int(x) for x in sifted.detected[:N_INTENSITIES]],
@@ -314,7 +320,9 @@ class FrameProcessor:
             overflow=block.overflow, lost_tags=block.lost_tags,
             sync_period_ps=sol.period_ps, sync_origin_ps=sol.origin_ps,
             sync_drift_ppm=sol.drift_ppm,
-            histogram=folded_histogram(block.time_ps, block.channel, sol, self.detectors),
+            histogram=(result.histogram.tolist() if result.histogram is not None
+                       else folded_histogram(block.time_ps, block.channel, sol,
+                                             self.detectors)),
         )
         self.totals.add(stats)
         self._frame += 1
