@@ -27,7 +27,8 @@ Bodies (non-finite floats are sent as ``null``):
   "stop requested", "completed", "stopped", "interrupted", "failed: ..."), ``run_id``
   (str or null), ``control`` (the run-control address or null); ``start`` adds the run's
   ``info`` (settings, duration, station...); ``end`` adds ``summary``
-  (:meth:`BB84Result.summary`, whose ``key_rate_bps`` is the asymptotic secure rate).
+  (:meth:`BB84Result.summary`: the GUI shows its ``secure_key_rate_bps`` when the run
+  distilled a key, else its asymptotic ``key_rate_bps``).
 * ``error``: ``message`` (str), ``origin`` (str), ``fatal`` (bool).
 * ``calibration``: ``records``: list of ``{"name", "value", "unit", "id",
   "timestamp_unix_s", "max_age_s", "ok"}`` (a record older than ``max_age_s`` is

@@ -49,6 +49,8 @@ def _add_station(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     check.add_argument("file", type=Path)
     check.add_argument("--seed", type=int, default=None, help="mock bench seed override")
+    check.add_argument("--no-connect", action="store_true",
+                       help="check the file and its safety limits only")
     check.set_defaults(func=cmd_station_check)
 
 
@@ -111,6 +113,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bb84.add_argument("--data-dir", type=Path, default=Path("data"),
                       help="where the database and raw tag files go (default ./data)")
     bb84.add_argument("--json", action="store_true", help="print one JSON object")
+    bb84.add_argument("--publish", metavar="ADDR", default=None,
+                      help="live stream for the GUI: ZeroMQ PUB bound here "
+                           "(e.g. tcp://127.0.0.1:5556)")
+    bb84.add_argument("--control", metavar="ADDR", default=None,
+                      help="run control: ZeroMQ PULL bound here ('stop' ends the run cleanly)")
     bb84.set_defaults(func=cmd_run_bb84)
 
 
@@ -131,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_run(sub)
     _add_reprocess(sub)
+    from qkdlab import calibrate_cmd
+    from qkdlab.gui.cli import add_parser as add_gui  # no Qt import until the command runs
+
+    calibrate_cmd.add_parser(sub)
+    add_gui(sub)
     return parser
 
 
@@ -172,8 +184,17 @@ def _identity(instrument: object) -> str:
 
 
 def cmd_station_check(args: argparse.Namespace) -> int:
-    """Connect every instrument of a station file and print its identity."""
-    from qkdlab.station import open_station
+    """Check safety limits, connect every instrument of a station file, print identities."""
+    from qkdlab.safety import check_limits
+    from qkdlab.station import check_driver_types, open_station, read_station_file
+
+    problems = check_limits(args.file)  # reads the file only, never connects
+    if problems:
+        raise StationError("unsafe limits in the station file:\n  " + "\n  ".join(problems))
+    if args.no_connect:
+        check_driver_types(read_station_file(args.file))
+        print(f"{args.file}: limits within the models' ratings (nothing connected)")
+        return 0
 
     with open_station(args.file, seed=args.seed) as loaded:
         print(f"{args.file}: {len(loaded.instruments)} instruments connected")
@@ -242,13 +263,21 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
                 else args.duration if args.duration is not None else 1.0)
     # with --json, stdout carries the JSON object only (QCoDeS prints progress notes)
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with quiet, open_station(station, seed=args.seed if args.mock else None,
-                             bench_overrides=overrides) as loaded:
+    from qkdlab.experiments.live import LiveSession
+
+    # the live session opens first, so a station error reaches the GUI too
+    with quiet, LiveSession(args.publish, args.control) as live, \
+            open_station(station, seed=args.seed if args.mock else None,
+                         bench_overrides=overrides) as loaded:
         roles = bb84_roles(loaded)
+        live.run_started(station=str(station), mock=bool(args.mock), duration_s=duration,
+                         bench_overrides=overrides)
         result = run_bb84(roles, settings, duration_s=duration, data_dir=args.data_dir,
                           metadata={"station": str(station), "mock": bool(args.mock),
                                     "bench_overrides": overrides},
-                          progress=not args.json and sys.stderr.isatty())
+                          progress=not args.json and sys.stderr.isatty(),
+                          publish=live.publish, stop_requested=live.stop_requested)
+        live.run_ended(result.summary())
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))

@@ -167,11 +167,7 @@ def test_run_control_stop_reaches_the_run_and_is_acknowledged() -> None:
 
 
 def test_a_stop_sent_before_the_run_binds_is_delivered() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    address = free_address()
     client = RunControlClient(address)
     try:
         client.stop()
@@ -204,9 +200,16 @@ def failing_session(address: str, sub: LiveSubscriber) -> str:
         raise RuntimeError(f"tagger gone ({control_address})")
 
 
+def free_address() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def test_live_session_announces_start_end_and_failures() -> None:
-    with LivePublisher() as probe:  # find a free port, then let the session bind it
-        address = probe.address
+    address = free_address()  # the session binds it; the subscriber is there first
     with LiveSubscriber(address) as sub:
         with pytest.raises(RuntimeError, match="tagger gone") as failure:
             failing_session(address, sub)
