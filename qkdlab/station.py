@@ -36,7 +36,7 @@ INSTRUMENT_KEYS = frozenset(
     {"type", "driver", "address", "port", "enable_forced_reconnect", "init",
      "add_parameters", "parameters"}
 )
-QKDLAB_KEYS = frozenset({"mock_bench", "roles", "description", "bb84"})
+QKDLAB_KEYS = frozenset({"mock_bench", "roles", "description", "bb84", "calibration"})
 
 
 class StationError(Exception):
