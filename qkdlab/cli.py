@@ -113,6 +113,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bb84.add_argument("--data-dir", type=Path, default=Path("data"),
                       help="where the database and raw tag files go (default ./data)")
     bb84.add_argument("--json", action="store_true", help="print one JSON object")
+    bb84.add_argument("--calibration", choices=("warn", "refuse"), default=None,
+                      help="stale or missing calibration records: refuse to run, or warn "
+                           "and go on (default: refuse on a station, warn on --mock)")
     bb84.add_argument("--publish", metavar="ADDR", default=None,
                       help="live stream for the GUI: ZeroMQ PUB bound here "
                            "(e.g. tcp://127.0.0.1:5556)")
@@ -261,6 +264,19 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
                              use_sync_channel=not args.no_sync_channel, seed=args.seed)
     duration = (args.pulses / args.rate if args.pulses is not None
                 else args.duration if args.duration is not None else 1.0)
+    # the staleness rule: calibrated values (mu, acceptance window) replace the file's
+    from qkdlab.calibration.records import StaleCalibrationError
+    from qkdlab.calibration.runtime import check_before_run
+    from qkdlab.calibration.store import CalibrationStore
+
+    policy = args.calibration or ("warn" if args.mock else "refuse")
+    try:
+        calibration = check_before_run(CalibrationStore(args.data_dir / "calibration.jsonl"),
+                                       policy=policy)
+    except StaleCalibrationError as err:
+        raise StationError(f"{err} (run 'qkdlab calibrate all', or --calibration warn)"
+                           ) from err
+    settings = calibration.apply(settings)
     # with --json, stdout carries the JSON object only (QCoDeS prints progress notes)
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     from qkdlab.experiments.live import LiveSession
@@ -274,7 +290,7 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
                          bench_overrides=overrides)
         result = run_bb84(roles, settings, duration_s=duration, data_dir=args.data_dir,
                           metadata={"station": str(station), "mock": bool(args.mock),
-                                    "bench_overrides": overrides},
+                                    "bench_overrides": overrides, **calibration.metadata()},
                           progress=not args.json and sys.stderr.isatty(),
                           publish=live.publish, stop_requested=live.stop_requested)
         live.run_ended(result.summary())

@@ -253,3 +253,23 @@ def test_intercept_resend_yields_no_key(tmp_path: Path) -> None:
     assert summary["key_file"] is None
     assert not (tmp_path / "keys" / "alice").exists() or not list(
         (tmp_path / "keys" / "alice").iterdir())
+
+
+def test_run_records_the_calibration_it_used_and_refuses_when_stale(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qcodes.dataset import load_by_guid
+
+    from qkdlab.cli import main
+
+    # no calibration yet: a run that must refuse does, naming what is missing
+    assert main(["run", "bb84", "--mock", "--calibration", "refuse", "--duration", "0.4",
+                 "--data-dir", str(tmp_path), "--json"]) == 2
+    assert "calibration missing" in capsys.readouterr().err
+    # calibrate, then the run records the ids of the records it used
+    assert main(["calibrate", "timing", "--mock", "--data-dir", str(tmp_path), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["run", "bb84", "--mock", "--duration", "0.4", "--data-dir", str(tmp_path),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    meta = json.loads(load_by_guid(summary["dataset_guid"]).metadata["qkdlab_run"])
+    assert "timing" in meta["calibration_ids"]
