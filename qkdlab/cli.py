@@ -288,6 +288,9 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
         roles = bb84_roles(loaded)
         live.run_started(station=str(station), mock=bool(args.mock), duration_s=duration,
                          bench_overrides=overrides)
+        if live.publisher is not None:  # status panels of the GUI
+            live.publisher.instruments(_instrument_status(loaded))
+            live.publisher.calibration(_calibration_status(calibration))
         result = run_bb84(roles, settings, duration_s=duration, data_dir=args.data_dir,
                           metadata={"station": str(station), "mock": bool(args.mock),
                                     "bench_overrides": overrides, **calibration.metadata()},
@@ -360,6 +363,37 @@ def bb84_settings(station: Path, **overrides: Any) -> Any:
         return BB84Settings(**{**section, **overrides})
     except (TypeError, ValueError) as err:
         raise StationError(f"{station}: 'qkdlab: bb84': {err}") from err
+
+
+def _instrument_status(loaded: Any) -> list[dict[str, Any]]:
+    """Connected instruments for the live stream: errors queued, interlock of lasers."""
+    from qkdlab.drivers.roles import Laser
+
+    status = []
+    for name, instrument in loaded.instruments.items():
+        interlock = None
+        if isinstance(instrument, Laser):
+            try:
+                interlock = "ok" if instrument.interlock_closed() else "tripped"
+            except Exception as err:  # reported, never fatal for the status panel
+                interlock = f"unknown ({type(err).__name__})"
+        status.append({"name": name, "connected": True, "errors": [],
+                       "interlock": interlock})
+    return status
+
+
+def _calibration_status(calibration: Any) -> list[dict[str, Any]]:
+    """The calibration records a run uses, for the live stream (first quantity each)."""
+    out = []
+    for node, record in calibration.records.items():
+        name, quantity = next(iter(record.quantities.items()), ("-", None))
+        out.append({"name": f"{node}: {name}",
+                    "value": None if quantity is None else quantity.value,
+                    "unit": "" if quantity is None else quantity.unit, "id": record.id,
+                    "timestamp_unix_s": record.created_s,
+                    "max_age_s": record.valid_until_s - record.created_s,
+                    "ok": record.good})
+    return out
 
 
 def format_bb84_summary(s: dict[str, Any]) -> str:

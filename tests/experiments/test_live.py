@@ -6,6 +6,7 @@ import json
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,3 +232,35 @@ def test_live_session_without_addresses_is_inert() -> None:
         assert live.stop_requested is None
         live.run_started(x=1)
         live.run_ended({"status": "completed"})
+
+
+def test_a_cli_run_publishes_instrument_status_for_the_gui(tmp_path: Path) -> None:
+    import socket
+
+    from qkdlab.cli import main
+    from qkdlab.experiments.live import LiveSubscriber
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    sub = LiveSubscriber(address)
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(main(
+        ["run", "bb84", "--mock", "--duration", "0.4", "--data-dir", str(tmp_path),
+         "--publish", address, "--json"])))
+    runner.start()
+    seen: list[dict[str, object]] = []
+    while runner.is_alive() or not seen:
+        seen += sub.poll(0.2)
+        if not runner.is_alive():
+            seen += sub.poll(0.5)
+            break
+    runner.join()
+    sub.close()
+    assert codes == [0]
+    status = [m for m in seen if m["type"] == "instruments"]
+    assert status, [m["type"] for m in seen]
+    by_name = {i["name"]: i for i in status[0]["instruments"]}  # type: ignore[index]
+    assert {"laser", "pattern", "tagger"} <= set(by_name)
+    assert by_name["laser"]["interlock"] == "ok"
+    assert any(m["type"] == "frame" for m in seen)
