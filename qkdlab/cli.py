@@ -141,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_run(sub)
     _add_reprocess(sub)
-    from qkdlab import calibrate_cmd
+    from qkdlab import calibrate_cmd, parties
     from qkdlab.gui.cli import add_parser as add_gui  # no Qt import until the command runs
 
     calibrate_cmd.add_parser(sub)
+    parties.add_parsers(sub)
     add_gui(sub)
     return parser
 

@@ -33,7 +33,7 @@ from qkdlab.experiments.bb84.processing import (
     estimate,
 )
 from qkdlab.experiments.bb84.rawtags import RawTagWriter
-from qkdlab.experiments.bb84.secure_key import Distilled, distill
+from qkdlab.experiments.bb84.secure_key import Distilled, distill, save_records
 from qkdlab.experiments.bb84.sync import DetectorMap, SyncError
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,9 @@ def run_bb84(
                 dataset.add_metadata("raw_tags_blocks", str(raw.blocks))
                 est = estimate(processor.totals, settings)
                 dataset.add_metadata("qkdlab_result", json.dumps(_result_meta(est, processor)))
+                if status == "completed" and not est.aborted:
+                    # each party's sifted record, for post-processing in two processes
+                    save_records(processor.totals, data_dir / "sifted", run_id)
                 if distill_key and status == "completed" and not est.aborted:
                     key = distill(processor.totals, settings, data_dir / "keys", run_id)
                     dataset.add_metadata("qkdlab_key", json.dumps(

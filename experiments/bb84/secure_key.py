@@ -9,6 +9,7 @@ into the authentication pool store, from which the next block's pool is drawn.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,35 @@ def records(totals: RunTotals) -> tuple[SiftedRecord, SiftedRecord]:
                          arrays["intensity"])
     bob = SiftedRecord(arrays["pulse"], arrays["basis"], arrays["bob"])
     return alice, bob
+
+
+def save_records(totals: RunTotals, directory: str | Path, run_id: str) -> tuple[Path, Path]:
+    """Alice's and Bob's sifted records as two files (0600) for ``qkdlab alice``/``bob``.
+
+    Each holds one party's raw key material only: Bob's file has no intensities.
+    """
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    alice, bob = records(totals)
+    paths = (directory / f"{run_id}-alice.npz", directory / f"{run_id}-bob.npz")
+    for path, record in zip(paths, (alice, bob), strict=True):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            arrays = {"pulse": record.pulse, "basis": record.basis,
+                      "bits": np.packbits(record.bits), "n": np.array([record.bits.size])}
+            if record.intensity is not None:
+                arrays["intensity"] = record.intensity
+            np.savez(f, **arrays)
+    return paths
+
+
+def load_record(path: str | Path) -> SiftedRecord:
+    """A party's sifted record saved by :func:`save_records`."""
+    with np.load(path) as data:
+        n = int(data["n"][0])
+        return SiftedRecord(pulse=data["pulse"], basis=data["basis"],
+                            bits=np.unpackbits(data["bits"], count=n),
+                            intensity=data.get("intensity", None))
 
 
 def parameters(settings: BB84Settings) -> PostProcessingParameters:

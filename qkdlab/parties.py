@@ -1,0 +1,76 @@
+"""``qkdlab alice`` and ``qkdlab bob``: the two parties' post-processing as two processes.
+
+After a run, each party's sifted record is in ``DATA/sifted/<run>-alice.npz`` and
+``-bob.npz``.  Alice listens, Bob connects, over ZeroMQ; every message is
+authenticated with the pre-shared key file both hold (``--preshared``, raw bytes).
+Each party stores its own key in ``DATA/keys/<party>-2p`` and prints a JSON summary
+(never key material).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for party, flag, help_text in (("alice", "--listen", "bind here (tcp://host:port)"),
+                                   ("bob", "--connect", "Alice's address (tcp://host:port)")):
+        p = sub.add_parser(party, help=f"{party}'s post-processing of a run, over ZeroMQ")
+        p.add_argument(flag, dest="address", required=True, metavar="ADDR", help=help_text)
+        p.add_argument("--run", required=True, help="run id")
+        p.add_argument("--data-dir", type=Path, default=Path("data"))
+        p.add_argument("--preshared", type=Path, required=True,
+                       help="pre-shared authentication key file (raw bytes, same for both)")
+        p.add_argument("--timeout", type=float, default=60.0, help="peer timeout (s)")
+        p.set_defaults(func=cmd_party, party=party)
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    from qkdlab.experiments.bb84.processing import BB84Settings
+    from qkdlab.experiments.bb84.rawtags import RawTagReader
+    from qkdlab.experiments.bb84.secure_key import load_record, parameters
+    from qkdlab.protocol import pipeline
+    from qkdlab.protocol.authentication import AuthSession, KeyPool
+    from qkdlab.protocol.channel import AuthenticatedChannel, ZmqChannel
+    from qkdlab.protocol.keystore import KeyStore
+    from qkdlab.station import StationError
+
+    raw = args.data_dir / "raw" / f"bb84-{args.run}.qkt"
+    record_path = args.data_dir / "sifted" / f"{args.run}-{args.party}.npz"
+    for path in (raw, record_path, args.preshared):
+        if not path.exists():
+            raise StationError(f"{args.party}: {path} does not exist")
+    settings = BB84Settings(**RawTagReader(raw).metadata["settings"])
+    params = pipeline.PostProcessingParameters(
+        **{**parameters(settings).__dict__, "timeout_s": args.timeout})
+    record = load_record(record_path)
+    pool = np.unpackbits(np.frombuffer(args.preshared.read_bytes(), dtype=np.uint8))
+    inner = (ZmqChannel.bind(args.address, args.timeout) if args.party == "alice"
+             else ZmqChannel.connect(args.address, args.timeout))
+    peer = "bob" if args.party == "alice" else "alice"
+    channel = AuthenticatedChannel(inner, AuthSession(KeyPool(pool)), local_id=args.party,
+                                   peer_id=peer)
+    try:
+        if args.party == "alice":
+            outcome = pipeline.alice(channel, record, params,
+                                     np.random.default_rng([settings.seed, 1]))
+        else:
+            outcome = pipeline.bob(channel, record, params)
+    finally:
+        channel.close()
+    summary: dict[str, Any] = {"party": args.party, "run_id": args.run, **outcome.summary(),
+                               "key_file": None}
+    if not outcome.aborted and outcome.key is not None:
+        store = KeyStore(args.data_dir / "keys" / f"{args.party}-2p")
+        rec = store.save(outcome.key, run_id=args.run, eps_sec=params.eps_sec,
+                         eps_cor=params.eps_cor)
+        summary["key_file"] = str(store.file_of(rec.key_id))
+    print(json.dumps(summary))
+    sys.stdout.flush()
+    return 1 if outcome.aborted else 0
