@@ -144,6 +144,8 @@ def rig() -> Iterator[Rig]:
     mock.input_power_w = 1e-3
     server.start()
     pm = ThorlabsPM100D("dut", server.address, **FAST)
+    # writes get no reply: make sure the construction's last ones reached the mock
+    assert pm.ask("*OPC?") == "1"
     try:
         yield Rig(pm, mock, server)
     finally:
@@ -201,6 +203,7 @@ def test_auto_range_round_trip(rig: Rig) -> None:
 def test_validators_raise_before_anything_is_written(
     rig: Rig, name: str, bad: float, match: str
 ) -> None:
+    assert rig.pm.ask("*OPC?") == "1"  # writes get no reply: let construction's land first
     before = (rig.mock.wavelength_nm, rig.mock.loss_db, rig.mock.averaging)
     with pytest.raises(ValueError, match=match):
         rig.pm.parameters[name].set(bad)
