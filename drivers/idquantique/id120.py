@@ -71,13 +71,9 @@ Open points (not in the source, so not guessed)
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import pyvisa
-import pyvisa.errors
-from pyvisa import constants as visa_constants
 from qcodes import validators as vals
 from qcodes.instrument import (
     ChannelList,
@@ -89,26 +85,11 @@ from qcodes.instrument import (
 from qcodes.parameters import Parameter
 from qcodes.parameters.permissive_range import permissive_range
 
+from qkdlab.drivers.visa_link import ReconnectingVisaLink
+
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-_T = TypeVar("_T")
-
-# pyvisa status codes meaning "the link is gone" (as opposed to "no reply in time").
-_LINK_LOST = {
-    visa_constants.StatusCode.error_connection_lost,
-    visa_constants.StatusCode.error_io,
-    visa_constants.StatusCode.error_resource_not_found,
-    visa_constants.StatusCode.error_invalid_object,
-    visa_constants.StatusCode.error_closing_failed,
-}
-_TIMEOUT = visa_constants.StatusCode.error_timeout
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, pyvisa.errors.VisaIOError) and err.error_code == _TIMEOUT:
-        return "no reply in time"
-    return f"link error ({err})"
 
 
 class IDQID120Error(Exception):
@@ -180,7 +161,7 @@ class IDQID120Output(InstrumentChannel):
         """Polarity of the detection pulses on this output ('positive' / 'negative')."""
 
 
-class IDQID120(VisaInstrument):
+class IDQID120(ReconnectingVisaLink, VisaInstrument):
     """ID Quantique ID120 free-running Si single-photon detector.
 
     Satisfies :class:`qkdlab.drivers.roles.SinglePhotonDetector` (one channel).
@@ -210,6 +191,8 @@ class IDQID120(VisaInstrument):
     DEAD_TIME_UNIT_S: ClassVar[float] = 1e-6
     """Unit of ``DEADTIME:TIME`` (µs per [Instr-ID120]; see the module's open points)."""
     RECONNECT_TIMEOUT_S: ClassVar[float] = 3.0
+    error_cls: ClassVar[type[Exception]] = IDQID120Error
+    communication_error_cls: ClassVar[type[Exception]] = IDQID120CommunicationError
     """Default of :attr:`reconnect_timeout_s` (s)."""
 
     def __init__(
@@ -226,13 +209,9 @@ class IDQID120(VisaInstrument):
             raise ValueError(
                 f"{name}: bias_max_v={bias_max_v} V must be in (0, {self.BIAS_RATING_V}] V"
             )
-        self._visalib = kwargs.get("visalib")
-        self._reconnectable = kwargs.get("pyvisa_sim_file") is None
-        self._reconnect_address = address
+        self.init_link(address, dict(kwargs))
         super().__init__(name, address, **kwargs)
         self.bias_max_v = float(bias_max_v)
-        self.reconnect_timeout_s = self.RECONNECT_TIMEOUT_S
-        """How long (s) a lost link is retried before :class:`IDQID120CommunicationError`."""
         self.operating_bias_v: float | None = None
         """Bias (V) that :meth:`enable` ramps to; remembered by :meth:`disable`."""
 
@@ -451,101 +430,6 @@ class IDQID120(VisaInstrument):
             )
 
     # -- link handling ----------------------------------------------------------------------
-    def write_raw(self, cmd: str) -> None:
-        self._with_link(cmd, lambda: super(IDQID120, self).write_raw(cmd))
-
-    def ask_raw(self, cmd: str) -> str:
-        return self._with_link(cmd, lambda: super(IDQID120, self).ask_raw(cmd))
-
-    def reconnect(self, timeout_s: float | None = None) -> None:
-        """Close and reopen the VISA link until the instrument answers ``*IDN?``.
-
-        Retries for up to ``timeout_s`` (default :attr:`reconnect_timeout_s`) seconds;
-        terminator and timeout are restored on the new link.  Raises
-        :class:`IDQID120CommunicationError` if the instrument cannot be reached.
-        """
-        address = self._reconnect_address
-        timeout_s = self.reconnect_timeout_s if timeout_s is None else timeout_s
-        visa_timeout_ms = self.visa_handle.timeout
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.set_address(address, self._visalib)
-                self.set_terminator(self.default_terminator)
-                self.visa_handle.timeout = visa_timeout_ms
-                # A listener that accepts and closes at once looks connected: only a
-                # reply proves the link.
-                VisaInstrument.ask_raw(self, "*IDN?")
-                return
-            except (pyvisa.errors.VisaIOError, OSError, UnicodeDecodeError) as err:
-                if time.monotonic() >= deadline:
-                    # Leave a fresh link behind, not one with a probe still pending.
-                    self._drop_late_reply()
-                    raise IDQID120CommunicationError(
-                        f"{self.full_name}: could not re-establish the link to {address} "
-                        f"within {timeout_s} s ({err})"
-                    ) from err
-                time.sleep(0.05)
-
-    def _with_link(self, cmd: str, operation: Callable[[], _T]) -> _T:
-        """Run one write/query; on a lost link reconnect once and retry; name the command.
-
-        pyvisa-py reports a socket closed by the peer as a read timeout, so a timeout
-        is treated like a lost link: reconnect (which also discards a late reply that
-        would otherwise answer the next query), then retry once.  Every query of the
-        ID120 is free of side effects and every write sets an absolute value, so the
-        retry is safe.
-        """
-        try:
-            return operation()
-        except UnicodeDecodeError as err:
-            raise IDQID120Error(
-                f"{self.full_name}: garbled reply to {cmd!r} ({err.object!r})"
-            ) from err
-        except pyvisa.errors.VisaIOError as err:
-            recoverable = err.error_code in _LINK_LOST or err.error_code == _TIMEOUT
-            if not (recoverable and self._reconnectable):
-                raise IDQID120CommunicationError(
-                    f"{self.full_name}: {_describe(err)} on {cmd!r} (timeout {self.timeout()} s)"
-                ) from err
-            first_error: Exception = err
-        except OSError as err:  # connection reset / broken pipe from the socket layer
-            if not self._reconnectable:
-                raise IDQID120CommunicationError(
-                    f"{self.full_name}: link lost on {cmd!r}: {err}"
-                ) from err
-            first_error = err
-        self.visa_log.warning(f"{_describe(first_error)} on {cmd!r}; reconnecting")
-        try:
-            self.reconnect()
-        except IDQID120CommunicationError as err:
-            raise IDQID120CommunicationError(
-                f"{self.full_name}: {_describe(first_error)} on {cmd!r} "
-                f"(timeout {self.timeout()} s); {err}"
-            ) from first_error
-        try:
-            return operation()
-        except UnicodeDecodeError as err:
-            raise IDQID120Error(
-                f"{self.full_name}: garbled reply to {cmd!r} ({err.object!r})"
-            ) from err
-        except (pyvisa.errors.VisaIOError, OSError) as err:
-            self._drop_late_reply()
-            raise IDQID120CommunicationError(
-                f"{self.full_name}: {_describe(err)} on {cmd!r} (timeout {self.timeout()} s), "
-                "again after reconnecting"
-            ) from err
-
-    def _drop_late_reply(self) -> None:
-        """Reopen the link without waiting for an answer, so a late reply is discarded."""
-        try:
-            visa_timeout_ms = self.visa_handle.timeout
-            self.set_address(self._reconnect_address, self._visalib)
-            self.set_terminator(self.default_terminator)
-            self.visa_handle.timeout = visa_timeout_ms
-        except (pyvisa.errors.VisaIOError, OSError):
-            self.visa_log.warning("could not reopen the link")
-
     # -- reply parsing ----------------------------------------------------------------------
     def _ask_number(self, cmd: str) -> float:
         reply = self.ask(cmd)

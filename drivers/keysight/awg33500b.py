@@ -99,25 +99,21 @@ import contextlib
 import logging
 import math
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import numpy.typing as npt
-import pyvisa
-import pyvisa.errors
-from pyvisa import constants as visa_constants
 from qcodes import validators as vals
-from qcodes.instrument import InstrumentChannel, VisaInstrument
+from qcodes.instrument import InstrumentChannel
 from qcodes.instrument_drivers.Keysight import Keysight33522B
+
+from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
     from qcodes.instrument import VisaInstrumentKWArgs
     from typing_extensions import Unpack
-
-_T = TypeVar("_T")
 
 DAC_FULL_SCALE = 32767
 """Largest DAC code magnitude ([Guide] DATA:ARB:DAC: −32767…+32767)."""
@@ -138,14 +134,6 @@ AUTO_OVERSAMPLING_MAX = 8
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,11}")
 _INF_REPLY = 9.9e37  # SCPI's "infinity" (e.g. OUTP:LOAD? with INF)
 
-_LINK_LOST = {
-    visa_constants.StatusCode.error_connection_lost,
-    visa_constants.StatusCode.error_io,
-    visa_constants.StatusCode.error_resource_not_found,
-    visa_constants.StatusCode.error_invalid_object,
-    visa_constants.StatusCode.error_closing_failed,
-}
-_TIMEOUT = visa_constants.StatusCode.error_timeout
 
 
 class Keysight33500BError(Exception):
@@ -417,13 +405,7 @@ def _quiet_model_name_warning() -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def _describe(err: Exception) -> str:
-    if isinstance(err, pyvisa.errors.VisaIOError) and err.error_code == _TIMEOUT:
-        return "no reply in time"
-    return f"link error ({err})"
-
-
-class Keysight33500BPattern(Keysight33522B):
+class Keysight33500BPattern(ReconnectingVisaLink, Keysight33522B):
     """Keysight 33512B / 33522B / 33622A playing Alice's symbol pattern.
 
     Satisfies :class:`qkdlab.drivers.roles.PatternSource` on ``channel``; every
@@ -452,6 +434,8 @@ class Keysight33500BPattern(Keysight33522B):
     default_timeout = 10.0
 
     RECONNECT_TIMEOUT_S: ClassVar[float] = 3.0
+    error_cls: ClassVar[type[Exception]] = Keysight33500BError
+    communication_error_cls: ClassVar[type[Exception]] = Keysight33500BCommunicationError
     """Default of :attr:`reconnect_timeout_s` (s)."""
     ERROR_QUEUE_MAX: ClassVar[int] = 21
     """Most ``SYST:ERR?`` reads per check (the queue holds 20, plus the final "No error")."""
@@ -484,12 +468,7 @@ class Keysight33500BPattern(Keysight33522B):
                 f"(the generator's limit at {load_ohm:g} Ω)"
             )
         check_arb_name(arb_name)
-        self._visalib = kwargs.get("visalib")
-        self._reconnectable = kwargs.get("pyvisa_sim_file") is None
-        self._reconnect_address = address
-        self._link_generation = 0  # +1 whenever a new link replaces the old one
-        self.reconnect_timeout_s = self.RECONNECT_TIMEOUT_S
-        """How long (s) a lost link is retried before a communication error."""
+        self.init_link(address, dict(kwargs))
         with _quiet_model_name_warning():
             super().__init__(name, address, silent=True, **kwargs)
         if self.model not in MODELS:
@@ -826,98 +805,6 @@ class Keysight33500BPattern(Keysight33522B):
                                                  is_big_endian=True)
 
         self._with_link(shown, send)
-
-    def write_raw(self, cmd: str) -> None:
-        self._with_link(cmd, lambda: super(Keysight33500BPattern, self).write_raw(cmd))
-
-    def ask_raw(self, cmd: str) -> str:
-        return self._with_link(cmd, lambda: super(Keysight33500BPattern, self).ask_raw(cmd))
-
-    def reconnect(self, timeout_s: float | None = None) -> None:
-        """Reopen the VISA link until the instrument answers ``*IDN?``.
-
-        Retries for up to ``timeout_s`` (default :attr:`reconnect_timeout_s`) s;
-        raises :class:`Keysight33500BCommunicationError` if it cannot.
-        """
-        address = self._reconnect_address
-        timeout_s = self.reconnect_timeout_s if timeout_s is None else timeout_s
-        visa_timeout_ms = self.visa_handle.timeout
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.set_address(address, self._visalib)
-                self.set_terminator(self.default_terminator)
-                self.visa_handle.timeout = visa_timeout_ms
-                self._link_generation += 1
-                VisaInstrument.ask_raw(self, "*IDN?")  # only a reply proves the link
-                return
-            except (pyvisa.errors.VisaIOError, OSError, UnicodeDecodeError) as err:
-                if time.monotonic() >= deadline:
-                    raise Keysight33500BCommunicationError(
-                        f"{self.full_name}: could not re-establish the link to {address} "
-                        f"within {timeout_s} s ({err})"
-                    ) from err
-                time.sleep(0.05)
-
-    def _with_link(self, cmd: str, operation: Callable[[], _T]) -> _T:
-        """Run one exchange; on a lost link or timeout reconnect once and retry.
-
-        pyvisa-py reports a socket closed by the peer as a timeout, so both lead to a
-        reconnect (which also drops a late reply).  Every command this driver sends
-        sets an absolute state, so one retry is safe.  Errors name the command.
-        """
-        try:
-            return operation()
-        except UnicodeDecodeError as err:
-            raise Keysight33500BError(
-                f"{self.full_name}: garbled reply to {cmd!r} ({err.object!r})"
-            ) from err
-        except pyvisa.errors.VisaIOError as err:
-            recoverable = err.error_code in _LINK_LOST or err.error_code == _TIMEOUT
-            if not (recoverable and self._reconnectable):
-                raise Keysight33500BCommunicationError(
-                    f"{self.full_name}: {_describe(err)} on {cmd!r} (timeout {self.timeout()} s)"
-                ) from err
-            first_error: Exception = err
-        except OSError as err:
-            if not self._reconnectable:
-                raise Keysight33500BCommunicationError(
-                    f"{self.full_name}: link lost on {cmd!r}: {err}"
-                ) from err
-            first_error = err
-        self.visa_log.warning(f"{_describe(first_error)} on {cmd!r}; reconnecting")
-        try:
-            self.reconnect()
-        except Keysight33500BCommunicationError as err:
-            self._drop_late_reply()  # a fresh link, so nothing queued behind a stuck reply
-            raise Keysight33500BCommunicationError(
-                f"{self.full_name}: {_describe(first_error)} on {cmd!r} "
-                f"(timeout {self.timeout()} s); {err}"
-            ) from first_error
-        try:
-            return operation()
-        except UnicodeDecodeError as err:
-            raise Keysight33500BError(
-                f"{self.full_name}: garbled reply to {cmd!r} ({err.object!r})"
-            ) from err
-        except (pyvisa.errors.VisaIOError, OSError) as err:
-            self._drop_late_reply()
-            raise Keysight33500BCommunicationError(
-                f"{self.full_name}: {_describe(err)} on {cmd!r} (timeout {self.timeout()} s), "
-                "again after reconnecting"
-            ) from err
-
-    def _drop_late_reply(self) -> None:
-        """Reopen the link without waiting, so a late reply cannot answer the next query."""
-        try:
-            visa_timeout_ms = self.visa_handle.timeout
-            self.set_address(self._reconnect_address, self._visalib)
-            self._link_generation += 1
-            self.set_terminator(self.default_terminator)
-            self.visa_handle.timeout = visa_timeout_ms
-        except (pyvisa.errors.VisaIOError, OSError):
-            self.visa_log.warning("could not reopen the link")
-
 
 class _CallbackValidator(vals.Validator[float]):
     """A validator running ``check(value)`` (which raises ValueError to refuse)."""
