@@ -212,29 +212,6 @@ class RunTotals:
 HISTOGRAM_BINS = 100
 
 
-def folded_histogram(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
-                     solution: SyncSolution, detectors: DetectorMap) -> list[list[int]]:
-    """Per detector, tag counts folded on the period around each pulse (all tags)."""
-    chans = detectors.channel_list
-    lut_delay = np.zeros(int(max(chans)) + 1)
-    lut_row = np.full(lut_delay.size, -1, dtype=np.int64)
-    for i, ch in enumerate(chans):
-        lut_delay[ch] = solution.channel_delay_ps[ch]
-        lut_row[ch] = i
-    known = (channel >= 0) & (channel < lut_row.size)
-    t, c = time_ps[known], channel[known].astype(np.int64)
-    row = lut_row[c]
-    base = round(solution.origin_ps)
-    x = (t - base).astype(np.float64) - (solution.origin_ps - base) - lut_delay[c]
-    phase = x / solution.period_ps + 0.5
-    phase -= np.floor(phase)
-    bins = np.minimum((phase * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-    keep = row >= 0
-    flat = np.bincount(row[keep] * HISTOGRAM_BINS + bins[keep],
-                       minlength=len(chans) * HISTOGRAM_BINS)
-    return flat.reshape(len(chans), HISTOGRAM_BINS).tolist()
-
-
 class FrameProcessor:
     """Turns consecutive TagBlocks into frame results.
 
@@ -320,9 +297,7 @@ class FrameProcessor:
             overflow=block.overflow, lost_tags=block.lost_tags,
             sync_period_ps=sol.period_ps, sync_origin_ps=sol.origin_ps,
             sync_drift_ppm=sol.drift_ppm,
-            histogram=(result.histogram.tolist() if result.histogram is not None
-                       else folded_histogram(block.time_ps, block.channel, sol,
-                                             self.detectors)),
+            histogram=[] if result.histogram is None else result.histogram.tolist(),
         )
         self.totals.add(stats)
         self._frame += 1

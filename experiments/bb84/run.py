@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from qkdlab.drivers.roles import BB84Transmitter, Laser, SafeStateCapable, TimeTagger
 from qkdlab.experiments.bb84.processing import (
@@ -395,8 +394,3 @@ def _save_frame(saver: Any, stats: FrameStats, settings: BB84Settings, roles: BB
             log.exception("live-stream publish failed")
     if on_frame is not None:
         on_frame(stats)
-
-
-def raw_key(result: BB84Result) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Alice's and Bob's sifted Z-basis bits of a run (for post-processing)."""
-    return result.totals.raw_key()
