@@ -109,6 +109,7 @@ from qcodes import validators as vals
 from qcodes.instrument import InstrumentChannel
 from qcodes.instrument_drivers.Keysight import Keysight33522B
 
+from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
 from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
@@ -770,19 +771,12 @@ class Keysight33500BPattern(ReconnectingVisaLink, Keysight33522B):
 
     def read_errors(self) -> list[tuple[int, str]]:
         """Empty the error queue: every ``(code, message)`` read, oldest first."""
-        errors: list[tuple[int, str]] = []
-        for _ in range(self.ERROR_QUEUE_MAX):
-            reply = self.ask("SYSTem:ERRor?")
-            code_text, _, message = reply.partition(",")
-            try:
-                code = int(code_text)
-            except ValueError:
-                raise Keysight33500BError(
-                    f"{self.full_name}: reply {reply!r} to 'SYSTem:ERRor?' is not an error entry"
-                ) from None
-            if code == 0:
-                break
-            errors.append((code, message.strip().strip('"')))
+        try:
+            errors, _ = drain_error_queue(self.ask, "SYSTem:ERRor?", self.ERROR_QUEUE_MAX)
+        except MalformedErrorReplyError as err:
+            raise Keysight33500BError(
+                f"{self.full_name}: reply {err.reply!r} to 'SYSTem:ERRor?' is not an error entry"
+            ) from None
         return errors
 
     def check_errors(self, context: str = "") -> None:

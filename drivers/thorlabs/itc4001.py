@@ -77,6 +77,8 @@ from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument
 from qcodes.parameters import Parameter
 
+from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
+
 if TYPE_CHECKING:
     from collections.abc import Sequence, Sized
     from typing import Unpack
@@ -399,22 +401,17 @@ class ThorlabsITC4001(VisaInstrument):
     # -- error queue (3.2.2) and reset (3.1.2) ----------------------------------------
     def error_queue(self, max_reads: int = 32) -> list[tuple[int, str]]:
         """Read and empty the error queue: ``[(code, message), ...]``, oldest first."""
-        errors: list[tuple[int, str]] = []
-        for _ in range(max_reads):
-            reply = self.ask("SYST:ERR?")
-            code_text, _, message = reply.partition(",")
-            try:
-                code = int(code_text)
-            except ValueError:
-                raise ITC4001CommunicationError(
-                    f"{self.name}: reply {reply!r} to 'SYST:ERR?' is not '<code>,\"<message>\"'"
-                ) from None
-            if code == 0:
-                return errors
-            errors.append((code, message.strip().strip('"')))
-        raise ITC4001InstrumentError(
-            f"{self.name}: error queue not empty after {max_reads} reads", errors
-        )
+        try:
+            errors, emptied = drain_error_queue(self.ask, "SYST:ERR?", max_reads)
+        except MalformedErrorReplyError as err:
+            raise ITC4001CommunicationError(
+                f"{self.name}: reply {err.reply!r} to 'SYST:ERR?' is not '<code>,\"<message>\"'"
+            ) from None
+        if not emptied:
+            raise ITC4001InstrumentError(
+                f"{self.name}: error queue not empty after {max_reads} reads", errors
+            )
+        return errors
 
     def check_errors(self) -> None:
         """Raise :class:`ITC4001InstrumentError` if the instrument queued any error."""

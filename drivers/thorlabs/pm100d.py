@@ -64,6 +64,8 @@ from qcodes import validators as vals
 from qcodes.parameters import Parameter
 from qcodes_contrib_drivers.drivers.Thorlabs.PM100D import Thorlab_PM100D
 
+from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
+
 AVERAGING_RANGE = (1, 10000)
 """Averaging counts the adapter accepts (samples per reading)."""
 
@@ -159,20 +161,16 @@ class ThorlabsPM100D(Thorlab_PM100D):
 
     def error_queue(self, max_reads: int = 32) -> list[tuple[int, str]]:
         """Read and empty the error queue: ``[(code, message), ...]``, oldest first."""
-        errors: list[tuple[int, str]] = []
-        for _ in range(max_reads):
-            reply = self.ask("SYST:ERR?")
-            code_text, _, message = reply.partition(",")
-            try:
-                code = int(code_text)
-            except ValueError:
-                raise PM100DError(
-                    f"{self.name}: reply {reply!r} to 'SYST:ERR?' is not '<code>,\"<message>\"'"
-                ) from None
-            if code == 0:
-                return errors
-            errors.append((code, message.strip().strip('"')))
-        raise PM100DError(f"{self.name}: error queue not empty after {max_reads} reads", errors)
+        try:
+            errors, emptied = drain_error_queue(self.ask, "SYST:ERR?", max_reads)
+        except MalformedErrorReplyError as err:
+            raise PM100DError(
+                f"{self.name}: reply {err.reply!r} to 'SYST:ERR?' is not '<code>,\"<message>\"'"
+            ) from None
+        if not emptied:
+            raise PM100DError(f"{self.name}: error queue not empty after {max_reads} reads",
+                              errors)
+        return errors
 
     def check_errors(self) -> None:
         """Raise :class:`PM100DError` if the meter queued any error."""
