@@ -24,12 +24,21 @@ used the same basis and Bob detected).
 verification hash bits beyond log2(2/ε_cor).  The ``asymptotic`` variant drops every
 finite-size term (Hoeffding deviations, γ and the ε terms): the N → ∞ limit the finite
 rate tends to.  Negative bounds give length 0 with the reason.
+
+Model side: :func:`expected_statistics` (Lim et al.'s active two-detector channel),
+:func:`expected_statistics_passive` (qkdlab's bench: passive basis splitter, four
+detectors, squashing), :func:`expected_ec_leakage` (λ_EC for an efficiency f) and
+:func:`secure_key_length_samples` (the spread of ℓ and every bound under counting
+statistics).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from qkdlab.protocol.bits import binary_entropy
 
@@ -265,3 +274,128 @@ def expected_statistics(
     m_z = tuple(pulses * p * p_z**2 * ek for p, ek in zip(probabilities, e, strict=True))
     m_x = tuple(pulses * p * p_x**2 * ek for p, ek in zip(probabilities, e, strict=True))
     return DecoyStatistics(n_x, n_z, m_z, m_x)  # type: ignore[arg-type]
+
+
+def _squashed_arm_counts(m_match: float, m_other: float, dark_count: float,
+                         misalignment: float) -> tuple[float, float]:
+    """Sifted and erroneous detections per pulse when Alice's basis is analysed by the
+    arm receiving ``m_match`` detected photons (mean) and the other arm ``m_other``.
+
+    Two detectors per arm, independent Poisson photon numbers, dark-count probability
+    ``dark_count`` each.  Squashing: two clicks in one arm give a random bit, clicks in
+    both arms a random basis and bit (as :mod:`qkdlab.protocol.sifting` does).
+    """
+    live = 1.0 - dark_count
+    right = 1.0 - live * math.exp(-m_match * (1.0 - misalignment))
+    wrong = 1.0 - live * math.exp(-m_match * misalignment)
+    arm = 1.0 - live**2 * math.exp(-m_match)
+    other = 1.0 - live**2 * math.exp(-m_other)
+    sifted = arm * (1.0 - other) + 0.5 * arm * other
+    errors = (1.0 - other) * (wrong * (1.0 - right) + 0.5 * right * wrong) + 0.25 * arm * other
+    return sifted, errors
+
+
+def expected_statistics_passive(
+    pulses: float,
+    intensities: Triple,
+    probabilities: Triple,
+    *,
+    transmittance: float,
+    p_key: float,
+    key_fraction: float,
+    dark_count: float,
+    misalignment: float,
+) -> DecoyStatistics:
+    """Expected counts of a passive-basis receiver with four detectors (qkdlab's bench).
+
+    Alice sends the key basis with probability ``p_key``; Bob's beam splitter sends a
+    share ``key_fraction`` of the light to his key-basis arm and the rest to the test
+    arm, each arm a polarizing splitter and two detectors.  A pulse of class k brings
+    η μ_k detected photons (Poisson); in the arm of Alice's basis a share
+    ``misalignment`` of them reaches the wrong detector.  Dark counts: probability
+    ``dark_count`` per detector and detection window.  Multi-clicks are squashed (see
+    :func:`_squashed_arm_counts`).  Counts are over ``pulses`` emitted pulses; the key
+    basis goes in ``n_x``/``m_x`` as in :func:`secure_key_length`.
+
+    Args:
+        pulses: pulses Alice sent (> 0).
+        intensities: (μ1, μ2, μ3) mean photon numbers (≥ 0).
+        probabilities: class probabilities, each in [0, 1].
+        transmittance: η, channel × Bob's optics × detector efficiency, in [0, 1].
+        p_key: Alice's key-basis probability, in [0, 1].
+        key_fraction: share of Bob's light sent to his key-basis arm, in [0, 1].
+        dark_count: dark-count probability per detector per window, in [0, 1).
+        misalignment: optical error probability e_mis, in [0, 0.5].
+    """
+    checks = [
+        (pulses > 0, f"pulses must be > 0, got {pulses}"),
+        (all(mu >= 0 for mu in intensities) and len(intensities) == 3,
+         f"intensities must be three mean photon numbers >= 0, got {intensities}"),
+        (all(0 <= p <= 1 for p in probabilities) and len(probabilities) == 3,
+         f"probabilities must be three values in [0, 1], got {probabilities}"),
+        (0 <= transmittance <= 1, f"transmittance must lie in [0, 1], got {transmittance}"),
+        (0 <= p_key <= 1, f"p_key must lie in [0, 1], got {p_key}"),
+        (0 <= key_fraction <= 1, f"key_fraction must lie in [0, 1], got {key_fraction}"),
+        (0 <= dark_count < 1, f"dark_count must lie in [0, 1), got {dark_count}"),
+        (0 <= misalignment <= 0.5, f"misalignment must lie in [0, 0.5], got {misalignment}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    n_x, m_x, n_z, m_z = [], [], [], []
+    for mu, p in zip(intensities, probabilities, strict=True):
+        m = transmittance * mu
+        s_key, e_key = _squashed_arm_counts(m * key_fraction, m * (1 - key_fraction),
+                                            dark_count, misalignment)
+        s_test, e_test = _squashed_arm_counts(m * (1 - key_fraction), m * key_fraction,
+                                              dark_count, misalignment)
+        n_x.append(pulses * p * p_key * s_key)
+        m_x.append(pulses * p * p_key * e_key)
+        n_z.append(pulses * p * (1 - p_key) * s_test)
+        m_z.append(pulses * p * (1 - p_key) * e_test)
+    return DecoyStatistics(tuple(n_x), tuple(n_z), tuple(m_z), tuple(m_x))  # type: ignore[arg-type]
+
+
+def expected_ec_leakage(stats: DecoyStatistics, f_ec: float) -> float:
+    """λ_EC = f · n_X · h(E_X): bits an error correction of efficiency ``f_ec`` (≥ 1)
+    discloses on the key basis of ``stats`` (its ``m_x`` gives E_X)."""
+    if not f_ec >= 1:
+        raise ValueError(f"f_ec must be >= 1, got {f_ec}")
+    n = sum(stats.n_x)
+    return f_ec * n * binary_entropy(min(stats.qber_x, 0.5)) if n else 0.0
+
+
+def secure_key_length_samples(
+    expected: DecoyStatistics,
+    intensities: Triple,
+    probabilities: Triple,
+    lambda_ec: float,
+    rng: np.random.Generator,
+    samples: int = 1000,
+    eps_sec: float = 1e-9,
+    eps_cor: float = 1e-15,
+    *,
+    asymptotic: bool = False,
+) -> list[FiniteKeyResult]:
+    """:func:`secure_key_length` of ``samples`` blocks whose counts fluctuate about
+    ``expected`` by counting statistics: every detection count Poisson, every error
+    count binomial among its detections (the spread a run's bounds should show).
+    ``lambda_ec`` is held fixed; ``asymptotic`` as in :func:`secure_key_length`."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    n_x = rng.poisson(np.asarray(expected.n_x), size=(samples, 3))
+    n_z = rng.poisson(np.asarray(expected.n_z), size=(samples, 3))
+
+    def ratio(m: Triple, n: Triple) -> npt.NDArray[np.float64]:
+        return np.array([mi / ni if ni > 0 else 0.0 for mi, ni in zip(m, n, strict=True)])
+
+    m_x = rng.binomial(n_x, ratio(expected.m_x, expected.n_x))
+    m_z = rng.binomial(n_z, ratio(expected.m_z, expected.n_z))
+    out = []
+    for i in range(samples):
+        stats = DecoyStatistics(
+            n_x=tuple(float(v) for v in n_x[i]), n_z=tuple(float(v) for v in n_z[i]),  # type: ignore[arg-type]
+            m_z=tuple(float(v) for v in m_z[i]), m_x=tuple(float(v) for v in m_x[i]))  # type: ignore[arg-type]
+        out.append(secure_key_length(stats, intensities, probabilities, lambda_ec,
+                                     eps_sec, eps_cor, asymptotic=asymptotic))
+    return out
