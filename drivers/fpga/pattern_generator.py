@@ -32,6 +32,11 @@ from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument, VisaInstrumentKWArgs
 from qcodes.parameters import Parameter, create_on_off_val_mapping
 
+from qkdlab.drivers.scpi_errors import (
+    MalformedErrorReplyError,
+    drain_error_queue,
+    harden_reply_parsers,
+)
 from qkdlab.patterns import ALGORITHM, bb84_symbols
 
 if TYPE_CHECKING:
@@ -99,6 +104,7 @@ class FPGAPatternGenerator(VisaInstrument):
             "output", label="Pattern output", get_cmd="OUTP?", set_cmd="OUTP {}",
             val_mapping=create_on_off_val_mapping(on_val="1", off_val="0"))
         """Whether the pattern drives the modulators."""
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- BB84Transmitter role ------------------------------------------------------------
@@ -152,12 +158,10 @@ class FPGAPatternGenerator(VisaInstrument):
 
     def check_errors(self) -> None:
         """Raise if the instrument's error queue holds errors."""
-        errors = []
-        for _ in range(32):
-            reply = self.ask("SYST:ERR?")
-            code = int(reply.split(",")[0])
-            if code == 0:
-                break
-            errors.append(reply)
+        try:
+            entries, _ = drain_error_queue(self.ask, "SYST:ERR?", 32)
+        except MalformedErrorReplyError as err:
+            raise PatternGeneratorError(f"{self.name}: {err}") from None
+        errors = [f'{code:+d},"{message}"' for code, message in entries]
         if errors:
             raise PatternGeneratorError(f"{self.name}: instrument errors: {'; '.join(errors)}")

@@ -85,6 +85,7 @@ from qcodes.instrument import (
 from qcodes.parameters import Parameter
 from qcodes.parameters.permissive_range import permissive_range
 
+from qkdlab.drivers.scpi_errors import harden_reply_parsers, parse_number
 from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
@@ -369,6 +370,7 @@ class IDQID120(ReconnectingVisaLink, VisaInstrument):
         self.outputs = self.add_submodule("outputs", outputs.to_channel_tuple())
         """The two pulse outputs."""
 
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- role: SinglePhotonDetector ---------------------------------------------------------
@@ -434,7 +436,7 @@ class IDQID120(ReconnectingVisaLink, VisaInstrument):
     def _ask_number(self, cmd: str) -> float:
         reply = self.ask(cmd)
         try:
-            return float(reply)
+            return parse_number(reply)
         except ValueError:
             raise IDQID120Error(
                 f"{self.full_name}: reply {reply!r} to {cmd!r} is not a number"

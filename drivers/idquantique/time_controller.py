@@ -97,6 +97,7 @@ from qcodes import validators as vals
 from qcodes.instrument import ChannelList, Instrument, InstrumentChannel
 from qcodes.parameters import Parameter, create_on_off_val_mapping
 
+from qkdlab.drivers.scpi_errors import harden_reply_parsers
 from qkdlab.tags import CHANNEL_DTYPE, TIME_DTYPE, TagBlock
 
 if TYPE_CHECKING:
@@ -601,6 +602,7 @@ class IDQTimeController(Instrument):
             self.add_submodule(f"input{ch}", inp)
         self.inputs = inputs
         self.add_submodule("inputs", inputs.to_channel_tuple())
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- transport -----------------------------------------------------------------

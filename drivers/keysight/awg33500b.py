@@ -109,7 +109,11 @@ from qcodes import validators as vals
 from qcodes.instrument import InstrumentChannel
 from qcodes.instrument_drivers.Keysight import Keysight33522B
 
-from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
+from qkdlab.drivers.scpi_errors import (
+    MalformedErrorReplyError,
+    drain_error_queue,
+    harden_reply_parsers,
+)
 from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
@@ -509,6 +513,7 @@ class Keysight33500BPattern(ReconnectingVisaLink, Keysight33522B):
         for number in (1, 2):
             self._add_arb_parameters(number)
         self._guard_pattern_channel()
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- extra per-channel parameters -------------------------------------------------

@@ -77,7 +77,12 @@ from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument
 from qcodes.parameters import Parameter
 
-from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
+from qkdlab.drivers.scpi_errors import (
+    MalformedErrorReplyError,
+    drain_error_queue,
+    harden_reply_parsers,
+    parse_number,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence, Sized
@@ -351,6 +356,7 @@ class ThorlabsITC4001(VisaInstrument):
         )
         """Measured temperature (°C)."""
 
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- Laser role ------------------------------------------------------------------
@@ -545,7 +551,7 @@ class ThorlabsITC4001(VisaInstrument):
     def _ask_number(self, cmd: str) -> float:
         reply = self.ask(cmd)
         try:
-            return float(reply)
+            return parse_number(reply)
         except ValueError:
             raise ITC4001CommunicationError(
                 f"{self.name}: reply {reply!r} to {cmd!r} is not a number"

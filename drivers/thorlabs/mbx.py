@@ -96,6 +96,8 @@ from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument
 from qcodes.parameters import Parameter
 
+from qkdlab.drivers.scpi_errors import harden_reply_parsers
+
 if TYPE_CHECKING:
     from collections.abc import Sequence, Sized
     from typing import Unpack
@@ -416,6 +418,7 @@ class ThorlabsMBX(VisaInstrument):
         )
         """Optical power after the VOA (W)."""
 
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.connect_message()
 
     # -- identity (guide 2.5) -------------------------------------------------------------

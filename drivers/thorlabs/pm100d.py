@@ -64,7 +64,11 @@ from qcodes import validators as vals
 from qcodes.parameters import Parameter
 from qcodes_contrib_drivers.drivers.Thorlabs.PM100D import Thorlab_PM100D
 
-from qkdlab.drivers.scpi_errors import MalformedErrorReplyError, drain_error_queue
+from qkdlab.drivers.scpi_errors import (
+    MalformedErrorReplyError,
+    drain_error_queue,
+    harden_reply_parsers,
+)
 
 AVERAGING_RANGE = (1, 10000)
 """Averaging counts the adapter accepts (samples per reading)."""
@@ -129,6 +133,7 @@ class ThorlabsPM100D(Thorlab_PM100D):
         """Samples averaged per reading."""
         self.wavelength.get_parser = float  # upstream divides the raw reply string by 1e9
         self.beam_diameter.get_parser = float
+        harden_reply_parsers(self)  # garbage replies: a clear error, never NaN (scpi_errors)
         self.averaging(averaging)
 
     # -- PowerMeter role ------------------------------------------------------------------

@@ -462,6 +462,9 @@ def test_garbage_reply_names_instrument_and_command(rig: Rig) -> None:
 def test_reconnect_after_dropped_link(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     laser = rig.laser
     laser.current(0.02)
+    # the mock has applied the ramp's last write before the link drops (a write still
+    # in the socket buffer would be lost with the connection)
+    rig.sync()
     rig.server.faults.drop_connection(refuse_for_s=5.0)
     with pytest.raises(ITC4001CommunicationError, match="dut: no reply to 'SOUR:CURR:LIM"):
         laser.current_limit()
