@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
@@ -72,8 +73,8 @@ def _positive(kind: type, name: str) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0 and finite, got {text}")
         return value
     return parse
 
@@ -104,6 +105,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="fibre length of the mock bench (km)")
     bb84.add_argument("--eve-fraction", type=_fraction, default=None, metavar="P",
                       help="mock eavesdropper: intercept-resend on a fraction P of pulses")
+    bb84.add_argument("--blinding", action="store_true",
+                      help="mock eavesdropper: blind Bob's detectors with bright CW light and "
+                           "resend faked states (Lydersen et al. 2010)")
+    bb84.add_argument("--no-monitors", action="store_true",
+                      help="run without the detector monitors (blinding checks)")
     bb84.add_argument("--seed", type=int, default=1, help="seed of the mock bench and of "
                       "Alice's pattern (default 1)")
     bb84.add_argument("--no-sync-channel", action="store_true",
@@ -129,6 +135,9 @@ def _add_reprocess(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     rep.add_argument("run", help="raw tag file, or the run id of a run under --data-dir")
     rep.add_argument("--data-dir", type=Path, default=Path("data"))
     rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--salvage", action="store_true",
+                     help="a damaged file (torn tail after a crash, corrupted block): process "
+                          "the intact blocks before the damage and say what was lost")
     rep.set_defaults(func=cmd_reprocess)
 
 
@@ -159,7 +168,11 @@ def cmd_mock_serve(args: argparse.Namespace) -> int:
     if not has_mocks(station_file):
         raise StationError(f"{args.station}: no instrument has a mock:// address to serve")
     seed = station_file.mock_seed if args.seed is None else args.seed
-    launcher = MockLauncher(seed=seed, bench_overrides=station_file.bench_overrides)
+    try:
+        launcher = MockLauncher(seed=seed, bench_overrides=station_file.bench_overrides)
+    except (TypeError, ValueError) as err:
+        raise StationError(f"{station_file.where_key('qkdlab', 'mock_bench')}: 'qkdlab: "
+                           f"mock_bench': {err}") from err
     try:
         resolved = resolve_mocks(station_file, launcher)
         print(f"mock bench (seed {seed}) serving {len(launcher.servers)} instruments:")
@@ -190,13 +203,24 @@ def _identity(instrument: object) -> str:
 def cmd_station_check(args: argparse.Namespace) -> int:
     """Check safety limits, connect every instrument of a station file, print identities."""
     from qkdlab.safety import check_limits
-    from qkdlab.station import check_driver_types, open_station, read_station_file
+    from qkdlab.station import (
+        check_driver_types,
+        check_mock_addresses,
+        check_roles,
+        open_station,
+        read_station_file,
+    )
 
     problems = check_limits(args.file)  # reads the file only, never connects
     if problems:
         raise StationError("unsafe limits in the station file:\n  " + "\n  ".join(problems))
+    station_file = read_station_file(args.file)
+    check_roles(station_file)
+    if station_file.qkdlab.get("bb84"):
+        bb84_settings(args.file)  # the run's settings: types and ranges
     if args.no_connect:
-        check_driver_types(read_station_file(args.file))
+        check_driver_types(station_file)
+        check_mock_addresses(station_file)
         print(f"{args.file}: limits within the models' ratings (nothing connected)")
         return 0
 
@@ -237,7 +261,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               file=out, flush=True)
         result = run_bb84(roles, settings, duration_s=args.run_seconds,
                           data_dir=args.data_dir, metadata={"station": str(args.station)},
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(),
+                          monitors=detector_monitors(settings, roles.detectors, None))
     print(format_bb84_summary(result.summary()))
     print("\nlaser off and instruments in their safe state; mocks stopped.")
     return 0 if result.status == "completed" else 1
@@ -258,8 +283,11 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
         overrides.setdefault("channel", {})["length_km"] = args.distance_km
     if args.eve_fraction is not None:
         overrides.setdefault("channel", {})["eve_fraction"] = args.eve_fraction
+    if args.blinding:
+        overrides.setdefault("eve", {})["blinding"] = True
     if overrides and not args.mock:
-        raise StationError("--distance-km and --eve-fraction set the mock bench; use --mock")
+        raise StationError("--distance-km, --eve-fraction and --blinding set the mock bench; "
+                           "use --mock")
     station = DEFAULT_MOCK_STATION if args.mock else args.station
     settings = bb84_settings(station, rep_rate_hz=args.rate,
                              use_sync_channel=not args.no_sync_channel, seed=args.seed)
@@ -296,7 +324,9 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
                           metadata={"station": str(station), "mock": bool(args.mock),
                                     "bench_overrides": overrides, **calibration.metadata()},
                           progress=not args.json and sys.stderr.isatty(),
-                          publish=live.publish, stop_requested=live.stop_requested)
+                          publish=live.publish, stop_requested=live.stop_requested,
+                          monitors=() if args.no_monitors else detector_monitors(
+                              settings, roles.detectors, calibration.records.get("detectors")))
         live.run_ended(result.summary())
     summary = result.summary()
     if args.json:
@@ -319,12 +349,27 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     if not path.exists():
         raise StationError(f"no raw tag file {args.run!r} (nor {path})")
     try:
-        done = reprocess(path)
-    except (RawTagFileError, ReprocessError) as err:
+        done = reprocess(path, salvage=args.salvage)
+    except RawTagFileError as err:
+        hint = ("; 'qkdlab reprocess --salvage' processes them"
+                if err.block is not None and err.blocks_before else "")
+        raise StationError(f"{err}{hint}") from err
+    except ReprocessError as err:
         raise StationError(str(err)) from err
+    except OSError as err:
+        raise StationError(f"{path}: cannot read the raw tag file: {err.strerror or err}"
+                           ) from err
     est, tot = done.estimate, done.totals
+    damage = done.damage
+    if damage is not None:
+        print(f"qkdlab: salvaged {done.blocks} block(s), {done.tags:,} tags (bytes "
+              f"0-{damage.offset} of {path.stat().st_size}); not read: {damage.problem} "
+              f"at byte {damage.offset}", file=sys.stderr)
     summary = {
         "run_id": done.metadata.get("run_id"), "raw_tags": str(path),
+        "blocks_read": done.blocks, "tags_read": done.tags,
+        "damage": None if damage is None else {
+            "offset": damage.offset, "problem": damage.problem, "torn_tail": damage.torn},
         "pulses": int(tot.pulses), "detections": int(tot.detected.sum()),
         "sifted_bits": int(tot.sifted.sum()), "qber_z": _json_num(est.qber_z),
         "qber_x": _json_num(est.qber_x), "gain_signal": _json_num(est.gains[0]),
@@ -341,29 +386,90 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def detector_monitors(settings: Any, detectors: Any, record: Any) -> list[Any]:
+    """The run's detector monitors, thresholds from the detector calibration record
+    (None: the monitors that need no calibration)."""
+    from qkdlab.experiments.bb84.monitors import default_monitors
+
+    calibration = None if record is None else {
+        name: (q.value, q.uncertainty) for name, q in record.quantities.items()}
+    monitors = default_monitors(settings, detectors, calibration)
+    logging.getLogger(__name__).info("detector monitors: %s",
+                                     ", ".join(type(m).__name__ for m in monitors))
+    return monitors
+
+
 def _json_num(x: float) -> float | None:
     import math
 
     return float(x) if math.isfinite(x) else None
 
 
+_FIELD_TYPES = {"float": "a number", "int": "an integer", "bool": "true or false",
+                "float | None": "a number or null"}
+
+
+def _bb84_value(kind: str, value: Any) -> tuple[bool, Any]:
+    """``(ok, value)`` for a ``qkdlab: bb84`` value of field type ``kind`` (a whole
+    float is taken for an integer: YAML reads ``2.0e4`` as a float)."""
+    from qkdlab.station import is_number
+
+    if value is None:
+        return "None" in kind, value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return is_number(value), value
+
+
 def bb84_settings(station: Path, **overrides: Any) -> Any:
-    """BB84Settings from the station's ``qkdlab: bb84:`` section and the command line."""
+    """BB84Settings from the station's ``qkdlab: bb84:`` section and the command line.
+
+    A bad value is a :class:`StationError` naming the file, the line and the key (or
+    the command-line value) and what is allowed.
+    """
+    import re
     from dataclasses import fields
 
     from qkdlab.experiments.bb84.processing import BB84Settings
-    from qkdlab.station import read_station_file
+    from qkdlab.station import read_station_file, unit_hint
 
-    section = dict(read_station_file(station).qkdlab.get("bb84") or {})
-    known = {f.name for f in fields(BB84Settings)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise StationError(f"{station}: unknown key {unknown[0]!r} in 'qkdlab: bb84' "
-                           f"(allowed: {', '.join(sorted(known))})")
+    station_file = read_station_file(station)
+    section = dict(station_file.qkdlab.get("bb84") or {})
+    types = {f.name: str(f.type) for f in fields(BB84Settings)}
+
+    def where(key: str | None, *, in_file: bool = False) -> str:
+        if key is None:
+            return f"{station_file.where_key('qkdlab', 'bb84')}: 'qkdlab: bb84'"
+        if key in overrides and not in_file:
+            return f"{station}: {key} (from the command line)"
+        return f"{station_file.where_key('qkdlab', 'bb84', key)}: 'qkdlab: bb84: {key}'"
+
+    for key, value in section.items():
+        if key not in types:
+            raise StationError(f"{station_file.where_key('qkdlab', 'bb84', key)}: unknown key "
+                               f"{key!r} in 'qkdlab: bb84' (allowed: {', '.join(sorted(types))})")
+        ok, section[key] = _bb84_value(types[key], value)
+        if not ok:
+            raise StationError(f"{where(key, in_file=True)} must be "
+                               f"{_FIELD_TYPES.get(types[key], types[key])}, got {value!r}"
+                               f"{unit_hint(value, key)}")
     try:
-        return BB84Settings(**{**section, **overrides})
+        settings = BB84Settings(**{**section, **overrides})
+        if not 0 <= settings.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63 - 1], got {settings.seed}")
+        return settings
     except (TypeError, ValueError) as err:
-        raise StationError(f"{station}: 'qkdlab: bb84': {err}") from err
+        text = str(err)
+        named = [k for k in types if re.search(rf"\b{k}\b", text)
+                 and (k in section or k in overrides)]
+        key = min(named, key=lambda k: text.index(k)) if named else None
+        if key is not None and text.startswith(f"{key} "):
+            raise StationError(f"{where(key)}{text[len(key):]}") from err
+        raise StationError(f"{where(key)}: {text}") from err
 
 
 def _instrument_status(loaded: Any) -> list[dict[str, Any]]:
@@ -449,12 +555,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("qkdlab: interrupted (instruments in their safe state, data closed)",
               file=sys.stderr)
         return 130
-    except (OSError, RuntimeError, ValueError) as err:
+    except Exception as err:  # one line (drivers' own errors too); -v for the traceback
         if args.verbose:
             raise
-        print(f"qkdlab: error: {type(err).__name__}: {err} (-v for the traceback)",
-              file=sys.stderr)
+        print(f"qkdlab: error: {type(err).__name__}: {describe_error(err)} "
+              "(-v for the traceback)", file=sys.stderr)
         return 1
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception's message on one line; QCoDeS' added context (``'setting x to 5'``)
+    goes in parentheses instead of a tuple's repr."""
+    args = err.args
+    if len(args) > 1 and all(isinstance(a, str) for a in args):
+        text = f"{args[0]} ({'; '.join(args[1:])})"
+    else:
+        text = str(err)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

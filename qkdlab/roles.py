@@ -27,9 +27,37 @@ def instrument_for(loaded: LoadedStation, role: str, *, required: bool = True) -
     return instruments[name]
 
 
+def instruments_for(loaded: LoadedStation, role: str) -> list[Any]:
+    """The instruments a role names: one name or a list of names (empty if absent)."""
+    roles = loaded.file.qkdlab.get("roles", {})
+    value = roles.get(role)
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StationError(f"{loaded.file.path}: 'qkdlab: roles: {role}' must be an "
+                           f"instrument name or a list of names, got {value!r}")
+    instruments = loaded.instruments
+    missing = [n for n in names if n not in instruments]
+    if missing:
+        raise StationError(f"{loaded.file.path}: role {role!r} names {missing[0]!r}, "
+                           "which is not a loaded instrument")
+    return [instruments[n] for n in names]
+
+
 def bb84_roles(loaded: LoadedStation) -> Any:
-    """A :class:`~qkdlab.experiments.bb84.run.BB84Roles` from the station's roles."""
-    from qkdlab.drivers.roles import BB84Transmitter, Laser, SafeStateCapable, TimeTagger
+    """A :class:`~qkdlab.experiments.bb84.run.BB84Roles` from the station's roles.
+
+    Detector units (role ``spd``: one name or a list) are enabled at run start, polled
+    once per frame and ramped down by the safe state.
+    """
+    from qkdlab.drivers.roles import (
+        BB84Transmitter,
+        Laser,
+        SafeStateCapable,
+        SinglePhotonDetector,
+        TimeTagger,
+    )
     from qkdlab.experiments.bb84.run import BB84Roles
     from qkdlab.experiments.bb84.sync import DetectorMap
 
@@ -54,7 +82,12 @@ def bb84_roles(loaded: LoadedStation) -> Any:
         if basis not in (0, 1) or bit not in (0, 1):
             raise StationError(f"{loaded.file.path}: channel {ch}: basis and bit must be 0 "
                                f"or 1, got {[basis, bit]}")
-    used = {id(x) for x in (transmitter, tagger, laser)}
+    spds = instruments_for(loaded, "spd")
+    for obj in spds:
+        if not isinstance(obj, SinglePhotonDetector):
+            raise StationError(f"{loaded.file.path}: {obj.name!r} ({type(obj).__name__}) "
+                               "cannot serve as spd: it is not a SinglePhotonDetector")
+    used = {id(x) for x in (transmitter, tagger, laser, *spds)}
     others = [i for i in loaded.instruments.values()
               if id(i) not in used and isinstance(i, SafeStateCapable)]
     marker = roles.get("marker_channel")
@@ -66,4 +99,5 @@ def bb84_roles(loaded: LoadedStation) -> Any:
     return BB84Roles(transmitter=transmitter, tagger=tagger, laser=laser,
                      detectors=DetectorMap(channels),
                      marker_channel=None if marker is None else int(marker), others=others,
+                     detector_units={obj.name: obj for obj in spds},
                      laser_settings={str(k): float(v) for k, v in laser_settings.items()})

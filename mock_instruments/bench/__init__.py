@@ -28,14 +28,22 @@ change several at once from another thread):
   ``z_fraction``, ``single_basis``, ``pc_rotation`` (3×3 or 3 angles),
   ``detectors[d]`` (:class:`DetectorSettings`: ``enabled``, ``efficiency``,
   ``dark_count_cps``, ``dead_time_s``, ``afterpulse_prob``, ``afterpulse_tau_s``,
-  ``jitter_ps``);
+  ``jitter_ps``, and the bright-light figures ``avalanche_charge_c``,
+  ``responsivity_a_per_w``, ``blinding_threshold_w``, ``trigger_always_j``,
+  ``trigger_never_j``);
+* ``bench.eve`` (:class:`EveSettings`): the detector-blinding eavesdropper
+  (``blinding``, ``blinding_power_w``, ``efficiency``, ``loss_db``, ``p_z``,
+  ``trigger_margin``, ``resend_probability``, ``avoid_double_clicks``; see
+  :mod:`~qkdlab.mock_instruments.bench.blinding`);
 * ``bench.tagger`` (:class:`TaggerSettings`): ``jitter_ps``, ``delay_ps[ch]``,
   ``detector_channels``, ``sync_channel``, ``max_rate_hz``, ``buffer_tags``.  The
   timebase error (``offset_ps``, ``ppm``) is fixed in :class:`TaggerConfig`.
 
 Read-outs: :meth:`Bench.mean_photon_numbers`, :meth:`Bench.expected_click_rates`
 (closed form, before dead time), :meth:`Bench.optical_power_at` (power-meter mock),
-:meth:`Bench.channel_rotation` (fibre R(t), for a compensator), and the ground truth
+:meth:`Bench.channel_rotation` (fibre R(t), for a compensator),
+:meth:`Bench.detector_bias_current_a` (a current monitor on each APD's bias line),
+:meth:`Bench.blinding_plan` (Eve's faked states), and the ground truth
 :meth:`Bench.emission_time_ps` / :meth:`Bench.propagation_delay_ps`.
 :func:`config_from_mapping` builds a :class:`BenchConfig` from nested overrides.
 
@@ -61,6 +69,7 @@ from .config import (
     BobConfig,
     ChannelConfig,
     DetectorConfig,
+    EveConfig,
     PatternConfig,
     SimulationConfig,
     TaggerConfig,
@@ -74,6 +83,7 @@ from .model import (
     BobSettings,
     ChannelSettings,
     DetectorSettings,
+    EveSettings,
     TaggerSettings,
 )
 from .optics import rotation_from_angles
@@ -95,6 +105,8 @@ __all__ = [
     "ChannelSettings",
     "DetectorConfig",
     "DetectorSettings",
+    "EveConfig",
+    "EveSettings",
     "PatternConfig",
     "SimulationConfig",
     "TaggerConfig",

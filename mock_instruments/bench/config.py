@@ -150,6 +150,45 @@ class ChannelConfig:
 
 
 @dataclass(frozen=True)
+class EveConfig:
+    """Detector-blinding eavesdropper (Lydersen et al., Nat. Photon. 4, 686 (2010)).
+
+    With ``blinding`` on, Eve intercepts every pulse at Alice's output (her own receiver:
+    ``loss_db``, ``efficiency``, basis Z with probability ``p_z``), shines CW light of
+    ``blinding_power_w`` into Bob's receiver, which holds his APDs below breakdown
+    (linear mode: single photons no longer click), and resends each of her results as a
+    bright faked state timed like Alice's pulse.  A blinded detector clicks on a pulse
+    energy above its ``trigger_always_j``, never below ``trigger_never_j`` (linear in
+    between; both scale with the CW power at the diode over ``blinding_threshold_w``).
+    Eve scales the trigger of each state so that the detector measuring it receives
+    ``trigger_margin`` × its always-click energy; she knows Bob's receiver.
+    ``resend_probability`` (given her click) sets Bob's click rate; ``None`` mimics
+    the honest signal-class gain.  ``avoid_double_clicks``: she measures and resends
+    only in bases whose faked states make exactly one of Bob's detectors click.  While
+    blinding, ``channel.eve_fraction`` is ignored (Eve intercepts everything).
+    """
+
+    blinding: bool = False  # Eve blinds Bob's detectors and resends faked states
+    blinding_power_w: float = 1e-3  # CW power at Bob's entrance (W; ≈ 1 mW, PHYSICS.md)
+    efficiency: float = 0.5  # Eve's detection efficiency η_E (model's choice)
+    loss_db: float = 0.0  # loss from Alice's output to Eve's receiver (dB)
+    p_z: float | None = None  # Eve's Z-basis probability; None: Bob's arm ratio
+    trigger_margin: float = 1.2  # trigger energy over the target's always-click energy
+    resend_probability: float | None = None  # per Eve click; None: mimic Bob's honest gain
+    avoid_double_clicks: bool = True  # resend only bases with clean (single-click) fakes
+
+    def __post_init__(self) -> None:
+        _check(self.blinding_power_w >= 0, "blinding_power_w must be >= 0 W")
+        _check_probability("eve.efficiency", self.efficiency)
+        _check(self.loss_db >= 0, f"eve.loss_db must be >= 0 dB, got {self.loss_db}")
+        if self.p_z is not None:
+            _check_probability("eve.p_z", self.p_z)
+        _check(self.trigger_margin > 0, "eve.trigger_margin must be > 0")
+        if self.resend_probability is not None:
+            _check_probability("eve.resend_probability", self.resend_probability)
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """One free-running InGaAs single-photon detector (PHYSICS.md, Korzh APL 2014)."""
 
@@ -160,6 +199,12 @@ class DetectorConfig:
     afterpulse_prob: float = 0.02  # afterpulse probability per click (2.2 % in Korzh 2014)
     afterpulse_tau_s: float = 2e-6  # afterpulse delay time constant τ_ap (s; 1.1–2.4 µs)
     jitter_ps: float = 100.0  # timing jitter σ, RMS (ps; ≈ 240 ps FWHM, arXiv 2106.05599)
+    # -- bias current and linear mode (bright light; Lydersen et al., Nat. Photon. 4, 686, 2010)
+    avalanche_charge_c: float = 1e-12  # charge of one avalanche (C; ~pC, model's choice)
+    responsivity_a_per_w: float = 0.9  # photocurrent per W below breakdown (A/W; InGaAs, 1550 nm)
+    blinding_threshold_w: float = 10e-6  # CW power at the diode that blinds it (W; model's choice)
+    trigger_always_j: float = 1e-12  # blinded at the threshold: energy that always clicks (J)
+    trigger_never_j: float = 0.7e-12  # blinded at the threshold: energy that never clicks (J)
 
     def __post_init__(self) -> None:
         _check_probability("efficiency", self.efficiency)
@@ -168,6 +213,12 @@ class DetectorConfig:
         _check_probability("afterpulse_prob", self.afterpulse_prob)
         _check(self.afterpulse_tau_s > 0, "afterpulse_tau_s must be > 0")
         _check(self.jitter_ps >= 0, f"jitter_ps must be >= 0, got {self.jitter_ps}")
+        _check(self.avalanche_charge_c >= 0, "avalanche_charge_c must be >= 0 C")
+        _check(self.responsivity_a_per_w >= 0, "responsivity_a_per_w must be >= 0 A/W")
+        _check(self.blinding_threshold_w > 0, "blinding_threshold_w must be > 0 W")
+        _check(0 < self.trigger_never_j <= self.trigger_always_j,
+               f"need 0 < trigger_never_j <= trigger_always_j, got {self.trigger_never_j} J, "
+               f"{self.trigger_always_j} J")
 
 
 def _four_detectors() -> tuple[DetectorConfig, ...]:
@@ -264,6 +315,7 @@ class BenchConfig:
     bob: BobConfig = field(default_factory=BobConfig)
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    eve: EveConfig = field(default_factory=EveConfig)
 
     def __post_init__(self) -> None:
         n_det = len(self.bob.detectors)
@@ -276,6 +328,24 @@ class BenchConfig:
                 det.jitter_ps <= self.simulation.max_detector_jitter_ps,
                 "detector jitter_ps above simulation.max_detector_jitter_ps",
             )
+        if self.eve.blinding:
+            self._check_blinding()
+
+    def _check_blinding(self) -> None:
+        """Every detector must be blinded: CW at the diode P·T_bob·q_arm·½ ≥ its threshold."""
+        bob = self.bob
+        t_bob = 10.0 ** (-bob.optics_loss_db / 10.0)
+        z = bob.z_fraction
+        shares = (z, z, 1.0 - z, 1.0 - z) if len(bob.detectors) == 4 else (1.0, 1.0)
+        short = [d for d, (det, q) in enumerate(zip(bob.detectors, shares, strict=True))
+                 if self.eve.blinding_power_w * t_bob * q * 0.5 < det.blinding_threshold_w]
+        if short:
+            least = max(bob.detectors[d].blinding_threshold_w / (t_bob * shares[d] * 0.5)
+                        if shares[d] > 0 else math.inf for d in short)
+            raise ValueError(
+                f"eve.blinding_power_w = {self.eve.blinding_power_w:g} W leaves detector(s) "
+                f"{short} in Geiger mode (partial blinding is not modelled): it must be "
+                f">= {least:.3g} W at Bob's entrance")
 
 
 _SECTIONS: dict[str, type] = {
@@ -284,6 +354,7 @@ _SECTIONS: dict[str, type] = {
     "bob": BobConfig,
     "tagger": TaggerConfig,
     "simulation": SimulationConfig,
+    "eve": EveConfig,
 }
 
 
@@ -332,7 +403,8 @@ def config_from_mapping(mapping: Mapping[str, Any]) -> BenchConfig:
     """A :class:`BenchConfig` from nested overrides, e.g. ``{"channel": {"length_km": 50}}``.
 
     Sections: ``alice`` (with ``pattern``), ``channel``, ``bob`` (``detectors``: one
-    mapping for all or a list, one per detector), ``tagger``, ``simulation``.  Lists
+    mapping for all or a list, one per detector), ``tagger``, ``simulation``, ``eve``
+    (detector blinding, e.g. ``{"eve": {"blinding": True}}``).  Lists
     become tuples; ``tagger.delay_ps`` may be a ``{channel: ps}`` mapping.
     """
     unknown = sorted(set(mapping) - set(_SECTIONS))

@@ -28,13 +28,14 @@ from fractions import Fraction
 import numpy as np
 import numpy.typing as npt
 
-from . import optics
+from . import blinding, optics
 from .config import (
     AliceConfig,
     BenchConfig,
     BobConfig,
     ChannelConfig,
     DetectorConfig,
+    EveConfig,
     PatternConfig,
     TaggerConfig,
 )
@@ -70,7 +71,7 @@ IntArray = npt.NDArray[np.int64]
 I8Array = npt.NDArray[np.int8]
 
 PS_PER_S = 10**12
-POWER_POINTS = ("laser", "after_attenuator", "after_modulator", "bob_input")
+POWER_POINTS = ("laser", "after_attenuator", "after_modulator", "modulator_tap", "bob_input")
 
 # independent random streams: SeedSequence([seed, stream id])
 _STREAM_ARM = 100  # + arm: candidate gaps and thinning uniforms
@@ -80,6 +81,7 @@ _STREAM_DEAD = 400  # + detector: afterpulse draws
 _STREAM_TAGGER = 500  # tagger jitter
 _STREAM_POL = 600  # polarization random walk
 _STREAM_PHASE = 601  # modulator phase random walk
+_STREAM_EVE = 700  # blinding Eve: her clicks and resends, soft-threshold clicks at Bob
 
 
 def _stream(seed: int, stream_id: int) -> np.random.Generator:
@@ -149,6 +151,29 @@ class ChannelSettings:
 
 
 @dataclass
+class EveSettings:
+    """Blinding eavesdropper's settings (mutable); fields and units as :class:`EveConfig`."""
+
+    blinding: bool
+    blinding_power_w: float
+    efficiency: float
+    loss_db: float
+    p_z: float | None
+    trigger_margin: float
+    resend_probability: float | None
+    avoid_double_clicks: bool
+
+    @classmethod
+    def from_config(cls, cfg: EveConfig) -> EveSettings:
+        """Settings initialised from a frozen config."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+    def to_config(self) -> EveConfig:
+        """Validated frozen snapshot."""
+        return EveConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass
 class DetectorSettings:
     """One detector's settings (mutable); fields and units as :class:`DetectorConfig`."""
 
@@ -159,6 +184,11 @@ class DetectorSettings:
     afterpulse_prob: float
     afterpulse_tau_s: float
     jitter_ps: float
+    avalanche_charge_c: float
+    responsivity_a_per_w: float
+    blinding_threshold_w: float
+    trigger_always_j: float
+    trigger_never_j: float
 
     @classmethod
     def from_config(cls, cfg: DetectorConfig) -> DetectorSettings:
@@ -354,12 +384,14 @@ class Bench:
         self.channel = ChannelSettings.from_config(cfg.channel)
         self.bob = BobSettings.from_config(cfg.bob)
         self.tagger = TaggerSettings.from_config(cfg.tagger)
+        self.eve = EveSettings.from_config(cfg.eve)
         n_det = len(cfg.bob.detectors)
         self._rng_arm = [_stream(seed, _STREAM_ARM + a) for a in range(2)]
         self._rng_jitter = [_stream(seed, _STREAM_JITTER + d) for d in range(n_det)]
         self._rng_dark = [_stream(seed, _STREAM_DARK + d) for d in range(n_det)]
         self._rng_dead = [_stream(seed, _STREAM_DEAD + d) for d in range(n_det)]
         self._rng_tagger = _stream(seed, _STREAM_TAGGER)
+        self._rng_eve = _stream(seed, _STREAM_EVE)
         self._drift = optics.DriftProcess(
             _stream(seed, _STREAM_POL), _stream(seed, _STREAM_PHASE), cfg.simulation.drift_step_s
         )
@@ -384,6 +416,7 @@ class Bench:
                 bob=self.bob.to_config(),
                 tagger=self.tagger.to_config(self._base.tagger),
                 simulation=self._base.simulation,
+                eve=self.eve.to_config(),
             )
 
     @property
@@ -423,10 +456,17 @@ class Bench:
             return rot
 
     def expected_click_rates(self) -> FloatArray:
-        """Closed-form click rate per detector now (counts/s; with dark counts, no dead time)."""
+        """Closed-form click rate per detector now (counts/s; with dark counts, no dead time).
+
+        Under blinding: the faked-state clicks Eve causes, and no dark counts.
+        """
         with self.lock:
             cfg = self.config()
             step = self._step_of(cfg, Fraction(self._now_ps))
+            if cfg.eve.blinding:
+                plan = self._blinding_plan(cfg, step, step)
+                return plan.click_rates(cfg.alice.pattern.intensity_probs,
+                                        cfg.alice.rep_rate_hz)
             means = self._detector_means(cfg, step, step)[0]  # (4 states, 3 classes, n_det)
             p_click = -np.expm1(-means)
             weights = _state_class_weights(cfg)  # (4 Alice states, 3 classes)
@@ -439,8 +479,14 @@ class Bench:
             return rates
 
     def optical_power_at(self, point: str) -> float:
-        """Average optical power (W) at ``laser``, ``after_attenuator``, ``after_modulator``
-        or ``bob_input``."""
+        """Average optical power (W) at ``laser``, ``after_attenuator``, ``after_modulator``,
+        ``modulator_tap`` or ``bob_input``.
+
+        ``modulator_tap`` is a monitor tap right after the modulator, ahead of the fixed
+        output attenuation (which only scales the light, so where it sits does not change
+        Alice's output): µW of light whose level follows the bias, what a bias lock can
+        read while the tagger streams.  ``after_modulator`` is Alice's output itself.
+        """
         if point not in POWER_POINTS:
             raise ValueError(f"unknown power point {point!r}; choose from {POWER_POINTS}")
         with self.lock:
@@ -449,15 +495,57 @@ class Bench:
             power = a.laser_power_w if a.laser_on else 0.0
             if point == "laser":
                 return power
-            power *= optics.db_to_transmission(a.fixed_attenuation_db + a.attenuation_db)
+            if point == "modulator_tap":
+                power *= optics.db_to_transmission(a.attenuation_db)
+            else:
+                power *= optics.db_to_transmission(a.fixed_attenuation_db + a.attenuation_db)
             if point == "after_attenuator":
                 return power
             step = self._step_of(cfg, Fraction(self._now_ps))
             t_k = optics.class_transmissions(a, self._phase_steps(cfg, step, step))[0]
             power *= float(np.dot(a.pattern.intensity_probs, t_k))
-            if point == "after_modulator":
+            if point in ("after_modulator", "modulator_tap"):
                 return power
+            if cfg.eve.blinding:  # Eve takes Alice's light; Bob gets her CW and faked states
+                plan = self._blinding_plan(cfg, step, step)
+                triggers, _ = plan.mean_trigger_power_w(a.pattern.intensity_probs,
+                                                        a.rep_rate_hz)
+                return cfg.eve.blinding_power_w + triggers
             return power * optics.channel_transmission(cfg.channel)
+
+    def blinding_plan(self) -> blinding.BlindingPlan | None:
+        """Eve's faked states and Bob's answers now (None while she does not blind)."""
+        with self.lock:
+            cfg = self.config()
+            if not cfg.eve.blinding:
+                return None
+            step = self._step_of(cfg, Fraction(self._now_ps))
+            return self._blinding_plan(cfg, step, step)
+
+    def detector_bias_current_a(self) -> FloatArray:
+        """Mean current through each detector's APD now (A): what a current monitor in
+        series with its bias supply reads.
+
+        Geiger mode: one avalanche charge per counted click (closed-form rate after the
+        non-paralysable dead time, plus afterpulses).  Blinded: the linear-mode
+        photocurrent of Eve's CW light and faked states (responsivity × power).
+        """
+        with self.lock:
+            cfg = self.config()
+            dead = np.array([d.dead_time_s for d in cfg.bob.detectors])
+            counted = blinding.counted_rate(self.expected_click_rates(), dead)
+            if not cfg.eve.blinding:
+                return blinding.bias_current_a(cfg, None, counted)
+            step = self._step_of(cfg, Fraction(self._now_ps))
+            plan = self._blinding_plan(cfg, step, step)
+            _, at_diode = plan.mean_trigger_power_w(cfg.alice.pattern.intensity_probs,
+                                                    cfg.alice.rep_rate_hz)
+            return blinding.bias_current_a(cfg, plan, counted, at_diode)
+
+    def _blinding_plan(self, cfg: BenchConfig, j0: int, j1: int) -> blinding.BlindingPlan:
+        """Eve's plan for drift steps ``j0…j1`` (``cfg.eve.blinding`` set)."""
+        return blinding.blinding_plan(cfg, self._mu_steps(cfg, j0, j1),
+                                      self._detector_means(cfg, j0, j1))
 
     def next_pulse_index(self) -> int:
         """First pulse not yet simulated: a setting changed now applies from this pulse on.
@@ -564,7 +652,7 @@ class Bench:
         photons = self._photon_clicks(cfg, s0, s1)
         batches = []
         for d, det in enumerate(cfg.bob.detectors):
-            accepted = self._detector_window(d, det, photons[d], (s0, s1))
+            accepted = self._detector_window(d, det, photons[d], (s0, s1), cfg.eve.blinding)
             ch = cfg.tagger.detector_channels[d]
             batches.append(tag_events(self._rng_tagger, accepted, ch, cfg.tagger))
         markers = self._markers(cfg, s0, s1)
@@ -572,18 +660,28 @@ class Bench:
         return TagBatch.concatenate(batches)
 
     def _detector_window(self, d: int, det: DetectorConfig, photons: PhotonStream,
-                         window: tuple[int, int]) -> Events:
-        """Accepted clicks of detector ``d`` in ``window``: photons + darks → dead time."""
+                         window: tuple[int, int], blinded: bool = False) -> Events:
+        """Accepted clicks of detector ``d`` in ``window``: photons + darks → dead time.
+
+        A blinded detector (linear mode) has neither dark counts nor afterpulses; its
+        clicks (Eve's faked states) keep the electronics' dead time.
+        """
         s0, s1 = window
         state = self._detectors[d]
         if not det.enabled:
             state.switch_off()
             return Events.empty()
-        dark_t = dark_count_times(self._rng_dark[d], det.dark_count_cps, s0, s1)
-        darks = Events(dark_t, np.full(dark_t.size, ORIGIN_DARK, np.int8),
-                       np.full(dark_t.size, NO_PULSE, np.int64))
-        dead = DeadTime(round(det.dead_time_s * PS_PER_S), det.afterpulse_prob,
-                        det.afterpulse_tau_s * PS_PER_S)
+        if blinded:
+            state.n_pending = 0
+            darks = Events.empty()
+            dead = DeadTime(round(det.dead_time_s * PS_PER_S), 0.0,
+                            det.afterpulse_tau_s * PS_PER_S)
+        else:
+            dark_t = dark_count_times(self._rng_dark[d], det.dark_count_cps, s0, s1)
+            darks = Events(dark_t, np.full(dark_t.size, ORIGIN_DARK, np.int8),
+                           np.full(dark_t.size, NO_PULSE, np.int64))
+            dead = DeadTime(round(det.dead_time_s * PS_PER_S), det.afterpulse_prob,
+                            det.afterpulse_tau_s * PS_PER_S)
         rngs = (self._rng_jitter[d], self._rng_dead[d])
         return scan_window(rngs, photons, darks, state, window, dead)
 
@@ -618,9 +716,13 @@ class Bench:
         e0 = self._grid.emission(p0)
         j0 = self._step_of(cfg, e0)
         j1 = self._step_of(cfg, self._grid.emission(p1 - 1))
-        tables, n_steps = self._arm_tables(cfg, j0, j1)
         base_rel = float(e0 + delay - s0)
         step_frac = float((e0 - j0 * self._step_ps(cfg)) / self._step_ps(cfg))
+        if cfg.eve.blinding:
+            clicks = self._faked_clicks(cfg, (p0, p1), (j0, j1), base_rel, step_frac)
+            self._drift.prune_below(min(j0, self._step_of(cfg, Fraction(self._now_ps))))
+            return clicks
+        tables, n_steps = self._arm_tables(cfg, j0, j1)
         period = float(self._grid.period)
         for a, table in enumerate(tables):
             cand = draw_candidates(self._rng_arm[a], p0, p1, table.p_max)
@@ -644,13 +746,48 @@ class Bench:
         index *= 3
         index += klass
         if n_steps > 1:
-            period_steps = float(self._grid.period) / self._step_ps(cfg)
-            step = (cand - p0).astype(np.float64)
-            step *= period_steps
-            step += step_frac
-            j = np.clip(step.astype(np.intp), 0, n_steps - 1)
-            index += 12 * j
+            index += 12 * self._candidate_steps(cfg, cand, p0, step_frac, n_steps)
         return index
+
+    def _candidate_steps(self, cfg: BenchConfig, cand: IntArray, p0: int, step_frac: float,
+                         n_steps: int) -> npt.NDArray[np.intp]:
+        """Drift step (0…n_steps−1, relative to the window's first) of each candidate."""
+        period_steps = float(self._grid.period) / self._step_ps(cfg)
+        step = (cand - p0).astype(np.float64)
+        step *= period_steps
+        step += step_frac
+        out: npt.NDArray[np.intp] = np.clip(step.astype(np.intp), 0, n_steps - 1)
+        return out
+
+    def _faked_clicks(self, cfg: BenchConfig, pulses: tuple[int, int], steps: tuple[int, int],
+                      base_rel: float, step_frac: float) -> list[PhotonStream]:
+        """Clicks of blinded detectors on Eve's faked states for pulses ``[p0, p1)``.
+
+        Eve detects and resends pulse i with probability ``resend[step, class]``
+        (candidates at the largest, thinned exactly); she resends the state of her
+        result (:func:`blinding.eve_states`) and each detector clicks per the plan.
+        """
+        p0, p1 = pulses
+        plan = self._blinding_plan(cfg, *steps)
+        resend = plan.resend
+        if resend.shape[0] > 1 and _all_equal(resend):
+            resend = resend[:1]
+        n_det = len(cfg.bob.detectors)
+        period = float(self._grid.period)
+        cand = blinding.draw_resent(self._rng_eve, p0, p1, resend)
+        if cand.size == 0:
+            return [PhotonStream.empty() for _ in range(n_det)]
+        seed = self.pattern_seed(cfg.alice.pattern)
+        state, klass = state_and_intensity(seed, cand, cfg.alice.pattern)
+        n_steps = resend.shape[0]
+        step = (self._candidate_steps(cfg, cand, p0, step_frac, n_steps) if n_steps > 1
+                else np.zeros(cand.size, np.intp))
+        keep = blinding.thin_resent(self._rng_eve, resend, step, klass)
+        cand, state = cand[keep], state[keep]
+        faked = blinding.eve_states(self.seed, cand, state, plan.p_z)
+        hit = blinding.bob_clicks(self._rng_eve, plan, faked)
+        return [PhotonStream(cand, np.ascontiguousarray(hit[:, d]).view(np.uint8), p0, base_rel,
+                             period, cfg.bob.detectors[d].jitter_ps) for d in range(n_det)]
 
     # ---------------------------------------------------------------- tables
 

@@ -28,6 +28,26 @@ from bias to η here ignores wavelength (set ``efficiency_max`` on the instance 
 model that).  The mock does not wait for the integration
 time: each counter query draws a fresh window from the seeded generator.
 
+*Bench physics* (``bench_physics=True``, address option ``physics=bench``): the bench's
+own detector settings (efficiency, dark counts, dead time — a station's ``mock_bench:
+bob: detectors``) stay in force and the ID120 only gates the detector: it detects
+(``bench.bob.detectors[i].enabled``) while the regulation runs and the bias is above
+breakdown.  R is the bench's rate and τ the bench detector's dead time; the ID120's
+own dead-time, threshold and temperature settings are stored and reported but do not
+act.  This is how a station models its SPADs' control (bias, regulation, counter)
+without replacing the bench's detector model.
+
+Bias current: the ID120 documents no current read-back ([Instr-ID120] lists none), so
+a photocurrent monitor is a separate instrument in series with the bias line (a
+picoammeter, or the bias supply's own current monitor).  :meth:`MockID120.bias_current_a`
+is what such a monitor reads; it is a Python read-out for tests and bench studies,
+deliberately not a SCPI command.  With a bench it is
+``bench.detector_bias_current_a()[detector_index]`` (avalanche charge per counted click
+in Geiger mode; the linear-mode photocurrent of Eve's light when she blinds the
+detector, Lydersen et al., Nat. Photon. 4, 686 (2010)); without one,
+:attr:`MockID120.avalanche_charge_c` × the counted rate.  Under blinding the counters
+report the clicks Eve's faked states cause, without dark counts.
+
 ``*RST`` (built into the framework; not documented for the ID120) restores the
 mock's power-on state, which is the mock's own choice since the ID120's defaults
 are not published: bias 0 V, threshold 50 mV, dead time 40 µs, 1 s integration,
@@ -37,7 +57,7 @@ setpoint -30 °C, regulation stopped, both outputs POSITIVE.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +67,7 @@ from qkdlab.mock_instruments.server import (
     ILLEGAL_PARAMETER,
     ScpiError,
     ScpiInstrument,
+    ScpiServer,
     parse_number,
 )
 from qkdlab.mock_instruments.server.scpi import MISSING_PARAMETER, Handler
@@ -64,6 +85,8 @@ class MockID120(ScpiInstrument):
         detector_index: which of the bench's detectors this ID120 is.
         seed: seed of the Poisson generator for the counter windows.
         serial: serial number reported by ``*IDN?``.
+        bench_physics: keep the bench's detector settings and only gate the detector
+            (see "Bench physics" in the module docstring).
     """
 
     # Physics constants of the model (see module docstring).
@@ -73,6 +96,8 @@ class MockID120(ScpiInstrument):
     dark_cps_ref = 100.0
     excess_ref_v = 20.0
     temperature_ref_c = -30.0
+    avalanche_charge_c = 1e-12
+    """Charge of one avalanche (C) without a bench (model's choice, ~pC)."""
 
     def __init__(
         self,
@@ -81,11 +106,13 @@ class MockID120(ScpiInstrument):
         *,
         seed: int | None = 0,
         serial: str = "MOCK0001",
+        bench_physics: bool = False,
     ) -> None:
         super().__init__()
         self.idn = f"ID Quantique,ID120,{serial},mock-1.0"
         self.bench = bench
         self.detector_index = detector_index
+        self.bench_physics = bench_physics
         self.rng = np.random.default_rng(seed)
         self.photon_rate_cps = 0.0
         """Photons per second reaching the detector when no bench is attached."""
@@ -164,35 +191,69 @@ class MockID120(ScpiInstrument):
         """Dark-count rate now (0 while the regulation is stopped)."""
         return self.bias_dark_count_cps() if self.running else 0.0
 
+    def detecting(self) -> bool:
+        """True while the SPAD can click: regulation running and bias above breakdown."""
+        return self.running and self.excess_bias_v() > 0.0
+
     def true_click_rate_cps(self) -> float:
         """Clicks per second before dead time: η Φ + DCR (or the bench's value)."""
-        bench_rate = self._bench_rate()
-        if bench_rate is not None:
-            return bench_rate
-        return self.efficiency() * self.photon_rate_cps + self.dark_count_cps()
+        return self._rate_and_dead_time()[0]
 
     def measured_rate_cps(self) -> float:
         """Expected counted rate after the non-paralysable dead time, R / (1 + R τ)."""
-        rate = self.true_click_rate_cps()
-        return rate / (1.0 + rate * self.dead_time_s)
+        rate, dead_time_s = self._rate_and_dead_time()
+        return rate / (1.0 + rate * dead_time_s)
 
-    def _bench_rate(self) -> float | None:
+    def bias_current_a(self) -> float:
+        """Mean current through the SPAD (A), as a current monitor on its bias line reads it.
+
+        Not an ID120 command (see the module docstring): the bench's
+        ``detector_bias_current_a()`` for this detector, or without a bench
+        :attr:`avalanche_charge_c` × :meth:`measured_rate_cps`.
+        """
+        if self.bench is None:
+            return self.avalanche_charge_c * self.measured_rate_cps()
+        self._bench_rate()  # push the current settings first
+        with self.bench.lock:
+            return float(self.bench.detector_bias_current_a()[self.detector_index])
+
+    def _rate_and_dead_time(self) -> tuple[float, float]:
+        """R (cps, before dead time) and the τ (s) that acts on it."""
+        bench = self._bench_rate()
+        if bench is not None:
+            return bench
+        rate = self.efficiency() * self.photon_rate_cps + self.dark_count_cps()
+        return rate, self.dead_time_s
+
+    def _bench_rate(self) -> tuple[float, float] | None:
         """The single point of contact with the bench: push settings, read the rate.
 
         Returns None without a bench.  Writes ``bench.bob.detectors[i].{efficiency,
-        dark_count_cps, dead_time_s, enabled}`` (under ``bench.lock``) and returns
-        ``bench.expected_click_rates()[i]``: clicks/s with dark counts, before dead
-        time, which :meth:`measured_rate_cps` then applies.
+        dark_count_cps, dead_time_s, enabled}`` (with bench physics: ``enabled`` only)
+        under ``bench.lock`` and returns ``bench.expected_click_rates()[i]`` (clicks/s
+        with dark counts, before dead time) and the dead time (s) that
+        :meth:`measured_rate_cps` then applies.
         """
         if self.bench is None:
             return None
         with self.bench.lock:
             detector = self.bench.bob.detectors[self.detector_index]
-            detector.efficiency = self.bias_efficiency()
-            detector.dark_count_cps = self.bias_dark_count_cps()
-            detector.dead_time_s = self.dead_time_s
-            detector.enabled = self.running
-            return float(self.bench.expected_click_rates()[self.detector_index])
+            if self.bench_physics:
+                detector.enabled = self.detecting()
+            else:
+                detector.efficiency = self.bias_efficiency()
+                detector.dark_count_cps = self.bias_dark_count_cps()
+                detector.dead_time_s = self.dead_time_s
+                detector.enabled = self.running
+            rate = float(self.bench.expected_click_rates()[self.detector_index])
+            return rate, float(detector.dead_time_s)
+
+    def start_at(self, bias_v: float) -> None:
+        """Power on at an operating point: regulation running, bias ``bias_v`` (V)."""
+        with self.lock:
+            self.bias_uv = round(bias_v * 1e6)
+            self.running = True
+        self._bench_rate()
 
     def _window(self) -> int:
         """Counts of one integration window: Poisson(R_m * T_int)."""
@@ -273,3 +334,51 @@ def _parse_bool_arg(args: list[str], header: str) -> bool:
     if word == "FALSE":
         return False
     raise ScpiError(ILLEGAL_PARAMETER, f"{header} {args[0]} (TRUE/FALSE)")
+
+
+def serve(name: str, bench: Any = None, options: Mapping[str, str] | None = None) -> ScpiServer:
+    """Factory for :mod:`qkdlab.mock_instruments.launcher`: an unstarted server.
+
+    Options (``mock://idquantique/id120?detector=0&physics=bench&operating_bias_v=185``):
+
+    * ``detector``: index of the bench detector this ID120 is (bench tagger channel
+      ``detector_channels[detector]``); without it the mock is not bound to the bench
+      and counts ``photon_rate_cps`` (0) plus its dark counts;
+    * ``physics``: ``model`` (default: the ID120 model sets the bench detector's
+      efficiency, dark counts and dead time) or ``bench`` (the bench's detector
+      settings stay; the ID120 only switches the detector on and off);
+    * ``operating_bias_v``: power on at this bias (V) with the regulation running, the
+      detector already at its operating point (default: the mock's power-on state,
+      0 V and stopped, which switches a bound detector off);
+    * ``seed`` (default: the bench seed plus the detector index), ``serial``.
+    """
+    opts = dict(options or {})
+    try:
+        detector = int(opts.pop("detector")) if "detector" in opts else None
+        physics = opts.pop("physics", "model")
+        bias = float(opts.pop("operating_bias_v")) if "operating_bias_v" in opts else None
+        default_seed = int(getattr(bench, "seed", 0)) + (detector or 0)
+        seed = int(opts.pop("seed", default_seed))
+    except ValueError as err:
+        raise ValueError(f"ID120 mock option: {err}") from err
+    serial = opts.pop("serial", f"MOCK{(detector or 0) + 1:04d}")
+    if opts:
+        raise ValueError(f"unknown ID120 mock option(s): {', '.join(sorted(opts))} "
+                         "(known: detector, physics, operating_bias_v, seed, serial)")
+    if physics not in ("model", "bench"):
+        raise ValueError(f"ID120 mock option physics must be model or bench, not {physics!r}")
+    if detector is not None:
+        if bench is None:
+            raise ValueError("ID120 mock option detector needs the mock bench")
+        count = len(bench.bob.detectors)
+        if not 0 <= detector < count:
+            raise ValueError(f"ID120 mock option detector={detector} not in [0, {count - 1}]")
+    if bias is not None and not 0.0 <= bias <= 250.0:
+        raise ValueError(f"ID120 mock option operating_bias_v={bias} V not in [0, 250] V")
+    mock = MockID120(bench if detector is not None else None, detector or 0, seed=seed,
+                     serial=serial, bench_physics=physics == "bench")
+    if bias is not None:
+        mock.start_at(bias)
+    else:
+        mock._bench_rate()  # a bound detector follows the ID120's power-on state
+    return ScpiServer(name, mock)

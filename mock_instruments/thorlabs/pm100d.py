@@ -55,7 +55,7 @@ Choices the manual leaves to the hardware, made here and documented:
 Physics:
 
 * The true power is ``bench.optical_power_at(point)`` with ``point`` from the mock option
-  ``?point=`` (``laser`` default, ``after_attenuator``, ``after_modulator``,
+  ``?point=`` (``laser`` default, ``after_attenuator``, ``after_modulator``, ``modulator_tap``,
   ``bob_input``); without a bench, :attr:`MockPM100D.input_power_w`.  The sensor's
   spectral responsivity is ignored: the reading is the true power at any configured
   wavelength (as if the calibration curve were exact).
@@ -100,7 +100,7 @@ SENSOR_IDN = 'S122C,12345678,"18-Jan-2022",1,18,289'
 """``SYST:SENS:IDN?``: an S122C InGaAs photodiode sensor (power sensor, wavelength and
 response settable, temperature sensor)."""
 
-POINTS = ("laser", "after_attenuator", "after_modulator", "bob_input")
+POINTS = ("laser", "after_attenuator", "after_modulator", "modulator_tap", "bob_input")
 POWER_RANGES_W = tuple(10.0**k for k in range(-8, -1))
 """Full-scale power ranges (W): 10 nW … 10 mW."""
 CURRENT_RANGES_A = POWER_RANGES_W
