@@ -118,6 +118,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="pulse repetition rate (Hz; default 100e6)")
     bb84.add_argument("--data-dir", type=Path, default=Path("data"),
                       help="where the database and raw tag files go (default ./data)")
+    bb84.add_argument("--key-block-bits", type=_positive(int, "--key-block-bits"),
+                      default=None, metavar="N",
+                      help="sifted key-basis bits per key block, distilled while the run "
+                           "goes on (default 2^23 = 8388608)")
     bb84.add_argument("--json", action="store_true", help="print one JSON object")
     bb84.add_argument("--calibration", choices=("warn", "refuse"), default=None,
                       help="stale or missing calibration records: refuse to run, or warn "
@@ -272,6 +276,7 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
     """Open the station, run BB84, print the summary (or JSON)."""
     import json
 
+    from qkdlab.experiments.bb84.key_blocks import DEFAULT_BLOCK_BITS
     from qkdlab.experiments.bb84.run import run_bb84
     from qkdlab.roles import bb84_roles
     from qkdlab.station import open_station
@@ -325,6 +330,7 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
                                     "bench_overrides": overrides, **calibration.metadata()},
                           progress=not args.json and sys.stderr.isatty(),
                           publish=live.publish, stop_requested=live.stop_requested,
+                          key_block_bits=args.key_block_bits or DEFAULT_BLOCK_BITS,
                           monitors=() if args.no_monitors else detector_monitors(
                               settings, roles.detectors, calibration.records.get("detectors")))
         live.run_ended(result.summary())

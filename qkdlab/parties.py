@@ -1,8 +1,9 @@
 """``qkdlab alice`` and ``qkdlab bob``: the two parties' post-processing as two processes.
 
-After a run, each party's sifted record is in ``DATA/sifted/<run>-alice.npz`` and
-``-bob.npz``.  Alice listens, Bob connects, over ZeroMQ; every message is
-authenticated with the pre-shared key file both hold (``--preshared``, raw bytes).
+After a run, each party's sifted record of key block N is in
+``DATA/sifted/<run>-b<NNNN>-alice.npz`` and ``-bob.npz`` (``--block N``, default 0).
+Alice listens, Bob connects, over ZeroMQ; every message is authenticated with the
+pre-shared key file both hold (``--preshared``, raw bytes).
 Each party stores its own key in ``DATA/keys/<party>-2p`` and prints a JSON summary
 (never key material).
 """
@@ -24,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p = sub.add_parser(party, help=f"{party}'s post-processing of a run, over ZeroMQ")
         p.add_argument(flag, dest="address", required=True, metavar="ADDR", help=help_text)
         p.add_argument("--run", required=True, help="run id")
+        p.add_argument("--block", type=int, default=0, help="key block of the run (0, 1, ...)")
         p.add_argument("--data-dir", type=Path, default=Path("data"))
         p.add_argument("--preshared", type=Path, required=True,
                        help="pre-shared authentication key file (raw bytes, same for both)")
@@ -34,7 +36,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def cmd_party(args: argparse.Namespace) -> int:
     from qkdlab.experiments.bb84.processing import BB84Settings
     from qkdlab.experiments.bb84.rawtags import RawTagReader
-    from qkdlab.experiments.bb84.secure_key import load_record, parameters
+    from qkdlab.experiments.bb84.secure_key import (
+        block_id,
+        block_seed,
+        load_record,
+        parameters,
+    )
     from qkdlab.protocol import pipeline
     from qkdlab.protocol.authentication import AuthSession, KeyPool
     from qkdlab.protocol.channel import AuthenticatedChannel, ZmqChannel
@@ -42,7 +49,10 @@ def cmd_party(args: argparse.Namespace) -> int:
     from qkdlab.station import StationError
 
     raw = args.data_dir / "raw" / f"bb84-{args.run}.qkt"
-    record_path = args.data_dir / "sifted" / f"{args.run}-{args.party}.npz"
+    if args.block < 0:
+        raise StationError(f"--block must be >= 0, got {args.block}")
+    key_id = block_id(args.run, args.block)
+    record_path = args.data_dir / "sifted" / f"{key_id}-{args.party}.npz"
     for path in (raw, record_path, args.preshared):
         if not path.exists():
             raise StationError(f"{args.party}: {path} does not exist")
@@ -59,7 +69,8 @@ def cmd_party(args: argparse.Namespace) -> int:
     try:
         if args.party == "alice":
             outcome = pipeline.alice(channel, record, params,
-                                     np.random.default_rng([settings.seed, 1]))
+                                     np.random.default_rng(
+                                         [block_seed(settings.seed, args.block), 1]))
         else:
             outcome = pipeline.bob(channel, record, params)
     finally:
@@ -69,7 +80,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     if not outcome.aborted and outcome.key is not None:
         store = KeyStore(args.data_dir / "keys" / f"{args.party}-2p")
         rec = store.save(outcome.key, run_id=args.run, eps_sec=params.eps_sec,
-                         eps_cor=params.eps_cor)
+                         eps_cor=params.eps_cor, key_id=key_id)
         summary["key_file"] = str(store.file_of(rec.key_id))
     print(json.dumps(summary))
     sys.stdout.flush()

@@ -39,6 +39,7 @@ from qkdlab.drivers.roles import (
     SinglePhotonDetector,
     TimeTagger,
 )
+from qkdlab.experiments.bb84.key_blocks import DEFAULT_BLOCK_BITS, KeyBlocks
 from qkdlab.experiments.bb84.liveness import (
     HEARTBEAT_KEY,
     HEARTBEAT_PERIOD_S,
@@ -63,7 +64,7 @@ from qkdlab.experiments.bb84.processing import (
     estimate,
 )
 from qkdlab.experiments.bb84.rawtags import RawTagWriter
-from qkdlab.experiments.bb84.secure_key import Distilled, distill, save_records
+from qkdlab.experiments.bb84.secure_key import Distilled
 from qkdlab.experiments.bb84.segments import Segment, merge_totals, raw_path, settings_for
 from qkdlab.experiments.bb84.sync import DetectorMap, SyncError
 
@@ -124,7 +125,10 @@ class BB84Result:
     sync: dict[str, float]
     wall_time_s: float
     key: Distilled | None = None
+    """The last key block's outcome (the only one unless the run was cut into blocks)."""
     duration_s: float = 0.0
+    keys: list[Distilled] = field(default_factory=list)
+    """Every key block's outcome, in order."""
     raw_tag_files: list[str] = field(default_factory=list)
     """Raw tag file of every segment, in order (one unless the tagger stream was retried)."""
     interruptions: list[dict[str, Any]] = field(default_factory=list)
@@ -175,19 +179,32 @@ class BB84Result:
                                "ec_efficiency": None, "ec_disclosed_bits": 0,
                                "pa_input_bits": 0, "pa_output_bits": 0,
                                "auth_key_used_bits": 0, "key_file": None}
-        if self.key is not None:
-            bob = self.key.bob.summary()
-            out.update({k: bob[k] for k in ("secure_key_bits", "ec_efficiency",
-                                            "ec_disclosed_bits", "pa_input_bits",
-                                            "pa_output_bits", "auth_key_used_bits")})
-            out["secure_key_rate_bps"] = (bob["secure_key_bits"] / self.duration_s
+        blocks = self.keys or ([self.key] if self.key is not None else [])
+        if blocks:
+            bobs = [b.bob.summary() for b in blocks]
+            for k in ("secure_key_bits", "ec_disclosed_bits", "pa_input_bits",
+                      "pa_output_bits", "auth_key_used_bits"):
+                out[k] = int(sum(b[k] or 0 for b in bobs))
+            # f over the run: disclosed bits over the sum of each block's n·h(QBER)
+            ideal = sum(b["ec_disclosed_bits"] / b["ec_efficiency"] for b in bobs
+                        if b["ec_efficiency"])
+            out["ec_efficiency"] = out["ec_disclosed_bits"] / ideal if ideal else None
+            out["secure_key_rate_bps"] = (out["secure_key_bits"] / self.duration_s
                                           if self.duration_s > 0 else 0.0)
-            out["key_file"] = self.key.alice_key_file
-            out["bob_key_file"] = self.key.bob_key_file
-            out["keys_match"] = self.key.keys_match
-            out["auth_pool"] = self.key.pool_source
-            if not aborted and self.key.alice.aborted:
-                aborted, reason = True, self.key.alice.reason
+            last = blocks[-1]
+            out["key_file"] = last.alice_key_file
+            out["bob_key_file"] = last.bob_key_file
+            out["key_files"] = [b.alice_key_file for b in blocks if b.alice_key_file]
+            out["key_blocks"] = len(blocks)
+            out["key_blocks_aborted"] = sum(b.alice.aborted for b in blocks)
+            out["key_block_abort_reasons"] = sorted({b.alice.reason for b in blocks
+                                                     if b.alice.aborted and b.alice.reason})
+            out["keys_match"] = all(b.keys_match for b in blocks if not b.alice.aborted)
+            out["auth_pool"] = last.pool_source
+            # the run yields no key only when every block aborted (a short last block
+            # may fail the finite-key terms while the whole blocks before it gave key)
+            if not aborted and all(b.alice.aborted for b in blocks):
+                aborted, reason = True, last.alice.reason
         out.update({"aborted": aborted, "abort_reason": reason if aborted else None})
         return out
 
@@ -281,6 +298,7 @@ def run_bb84(
     distill_key: bool = True,
     monitors: Sequence[FrameMonitor] = (),
     fault_policy: FaultPolicy | None = None,
+    key_block_bits: int | None = DEFAULT_BLOCK_BITS,
 ) -> BB84Result:
     """Run decoy-state BB84 for ``duration_s`` seconds of tagger time.
 
@@ -306,6 +324,9 @@ def run_bb84(
         monitors: checks called after every frame with its stats and the detector
             readings; the first alarm aborts the run (no key).
         fault_policy: which faults are retried (default :class:`FaultPolicy()`).
+        key_block_bits: sifted key-basis bits per key block, distilled while the run
+            goes on so memory stays flat (:mod:`~qkdlab.experiments.bb84.key_blocks`);
+            ``None``: the whole run is one block.
     """
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0 s, got {duration_s}")
@@ -333,7 +354,8 @@ def run_bb84(
                    **(metadata or {})}
     run = _Acquisition(roles, settings, data_dir, run_id, record_meta,
                        FaultPolicy() if fault_policy is None else fault_policy,
-                       tuple(monitors), publish, on_frame)
+                       tuple(monitors), publish, on_frame,
+                       KeyBlocks(settings, data_dir, run_id, key_block_bits, distill_key))
     meas = Measurement(exp=experiment, name="bb84")
     run.register(meas)
 
@@ -341,7 +363,7 @@ def run_bb84(
     started = time.perf_counter()
     dataset_id: int | None = None
     guid: str | None = None
-    key: Distilled | None = None
+    keys: list[Distilled] = []
     safe_done = False
     try:
         with meas.run() as saver:
@@ -374,16 +396,17 @@ def run_bb84(
                 totals = run.totals()
                 est = estimate(totals, settings)
                 try:
-                    if status == "completed" and not est.aborted:
-                        # each party's sifted record, for post-processing in two processes
-                        run.beat()
-                        save_records(totals, data_dir / "sifted", run_id)
-                        if distill_key:
-                            key = distill(totals, settings, data_dir / "keys", run_id)
-                            dataset.add_metadata("qkdlab_key", json.dumps(
-                                {"alice": key.alice.summary(), "bob": key.bob.summary(),
-                                 "key_file": key.alice_key_file,
-                                 "auth_pool": key.pool_source}))
+                    # the last, partial key block: distilled if the run completed, else
+                    # dropped; whole blocks cut during the run are kept either way.  Each
+                    # block's sifted records are in sifted/ (for 'qkdlab alice'/'bob').
+                    run.beat()
+                    keys = run.keys.finish(run.segment_totals(),
+                                           status == "completed" and not est.aborted)
+                    if keys:
+                        dataset.add_metadata("qkdlab_key", json.dumps(
+                            [{"block": i, "alice": k.alice.summary(), "bob": k.bob.summary(),
+                              "key_file": k.alice_key_file, "auth_pool": k.pool_source}
+                             for i, k in enumerate(keys)]))
                 except Exception as err:
                     status = f"failed: post-processing: {type(err).__name__}: {err}"
                     raise
@@ -401,7 +424,8 @@ def run_bb84(
                       totals=totals, estimate=estimate(totals, settings),
                       dataset_id=dataset_id, dataset_guid=guid, database=str(database),
                       raw_tags=str(raw_path(data_dir, run_id, 0)), sync=sync,
-                      wall_time_s=time.perf_counter() - started, key=key,
+                      wall_time_s=time.perf_counter() - started,
+                      key=keys[-1] if keys else None, keys=keys,
                       duration_s=totals.pulses / settings.rep_rate_hz,
                       raw_tag_files=[str(seg.raw.path) for seg in run.segments],
                       interruptions=list(run.interruptions))
@@ -413,7 +437,7 @@ class _Acquisition:
     def __init__(self, roles: BB84Roles, settings: BB84Settings, data_dir: Path, run_id: str,
                  record_meta: dict[str, Any], policy: FaultPolicy,
                  monitors: tuple[FrameMonitor, ...], publish: Publisher | None,
-                 on_frame: Callable[[FrameStats], None] | None) -> None:
+                 on_frame: Callable[[FrameStats], None] | None, keys: KeyBlocks) -> None:
         self.roles = roles
         self.settings = settings
         self.data_dir = data_dir
@@ -423,6 +447,7 @@ class _Acquisition:
         self.monitors = monitors
         self.publish = publish
         self.on_frame = on_frame
+        self.keys = keys
         self.segments: list[Segment] = []
         self.interruptions: list[dict[str, Any]] = []
         self.readings: dict[str, dict[str, float]] = {}
@@ -618,6 +643,8 @@ class _Acquisition:
             reason = monitor.check(stats, self.readings)
             if reason is not None:
                 raise MonitorAlarmError(f"{type(monitor).__name__}: {reason}")
+        # a frame that passed every check counts towards the next key block
+        self.keys.on_frame(stats, self.segment_totals())
 
     def _poll(self, frame: int) -> None:
         """Read every detector unit once; the readings go to the dataset and the monitors."""
@@ -648,7 +675,10 @@ class _Acquisition:
 
     # -- results ---------------------------------------------------------------------
     def totals(self) -> RunTotals:
-        return merge_totals([seg.processor.totals for seg in self.segments])
+        return merge_totals(self.segment_totals())
+
+    def segment_totals(self) -> list[RunTotals]:
+        return [seg.processor.totals for seg in self.segments]
 
     def solution(self) -> Any:
         solved = [seg.processor.solution for seg in self.segments

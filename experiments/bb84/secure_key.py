@@ -9,7 +9,10 @@ into the authentication pool store, from which the next block's pool is drawn.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from qkdlab.protocol.pipeline import (
     SiftedRecord,
     postprocess_in_process,
 )
+
+log = logging.getLogger(__name__)
 
 POOL_BITS = 1 << 20
 """Authentication key drawn for one block (bits)."""
@@ -45,13 +50,61 @@ class Distilled:
         return a is not None and b is not None and bool(np.array_equal(a, b))
 
 
-def records(totals: RunTotals) -> tuple[SiftedRecord, SiftedRecord]:
-    """Alice's and Bob's sifted records of a run."""
-    arrays = totals.sifted_arrays()
+BLOCK_ID = re.compile(r"-b\d{4,}$")
+"""Key ids of key blocks (``<run_id>-b0000``): the same on both sides."""
+
+
+def block_id(run_id: str, block: int) -> str:
+    """The key id (and sifted-record file stem) of ``block`` of a run."""
+    return f"{run_id}-b{block:04d}"
+
+
+def block_seed(seed: int, block: int) -> int:
+    """Seed of Alice's post-processing randomness (test-bit sampling, hashing seeds) for
+    ``block``: block 0 keeps the run seed; later blocks draw their own."""
+    if block == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, block]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _records_of(arrays: dict[str, Any]) -> tuple[SiftedRecord, SiftedRecord]:
     alice = SiftedRecord(arrays["pulse"], arrays["basis"], arrays["alice"],
                          arrays["intensity"])
     bob = SiftedRecord(arrays["pulse"], arrays["basis"], arrays["bob"])
     return alice, bob
+
+
+def records(totals: RunTotals) -> tuple[SiftedRecord, SiftedRecord]:
+    """Alice's and Bob's sifted records of a run."""
+    return _records_of(totals.sifted_arrays())
+
+
+def take_records(parts: Sequence[RunTotals]) -> tuple[SiftedRecord, SiftedRecord]:
+    """Alice's and Bob's sifted records held by ``parts`` (a run's segments, in order),
+    which give them up: a key block's records leave memory with it.
+
+    Pulse indices of later parts are shifted past the earlier ones' last index, so they
+    stay unique and in order within the block.
+    """
+    chunks: dict[str, list[np.ndarray[Any, Any]]] = {k: [] for k in
+                                                     ("pulse", "basis", "intensity",
+                                                      "alice", "bob")}
+    offset = 0
+    for part in parts:
+        arrays = part.sifted_arrays()
+        for lst in (part.sifted_pulse, part.sifted_basis, part.sifted_intensity,
+                    part.sifted_alice, part.sifted_bob):
+            lst.clear()
+        if not arrays["pulse"].size:
+            continue
+        chunks["pulse"].append(arrays["pulse"] + offset)
+        offset = int(chunks["pulse"][-1][-1]) + 1
+        for k in ("basis", "intensity", "alice", "bob"):
+            chunks[k].append(arrays[k])
+    dtypes = {"pulse": np.int64, "basis": np.int8, "intensity": np.int8,
+              "alice": np.uint8, "bob": np.uint8}
+    return _records_of({k: np.concatenate(v) if v else np.zeros(0, dtypes[k])
+                        for k, v in chunks.items()})
 
 
 def save_records(totals: RunTotals, directory: str | Path, run_id: str) -> tuple[Path, Path]:
@@ -59,18 +112,33 @@ def save_records(totals: RunTotals, directory: str | Path, run_id: str) -> tuple
 
     Each holds one party's raw key material only: Bob's file has no intensities.
     """
+    return save_record_pair(*records(totals), directory, run_id)
+
+
+def save_record_pair(alice: SiftedRecord, bob: SiftedRecord, directory: str | Path,
+                     stem: str) -> tuple[Path, Path]:
+    """``<stem>-alice.npz`` and ``<stem>-bob.npz`` (0600), each written atomically."""
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    alice, bob = records(totals)
-    paths = (directory / f"{run_id}-alice.npz", directory / f"{run_id}-bob.npz")
+    paths = (directory / f"{stem}-alice.npz", directory / f"{stem}-bob.npz")
     for path, record in zip(paths, (alice, bob), strict=True):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            arrays = {"pulse": record.pulse, "basis": record.basis,
-                      "bits": np.packbits(record.bits), "n": np.array([record.bits.size])}
-            if record.intensity is not None:
-                arrays["intensity"] = record.intensity
-            np.savez(f, **arrays)
+        if path.exists():
+            raise FileExistsError(f"{path} exists: sifted records are never overwritten")
+        arrays = {"pulse": record.pulse, "basis": record.basis,
+                  "bits": np.packbits(record.bits), "n": np.array([record.bits.size])}
+        if record.intensity is not None:
+            arrays["intensity"] = record.intensity
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a crash leaves no file or a whole one
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return paths
 
 
@@ -101,14 +169,45 @@ def authentication_pool(key_dir: Path, seed: int) -> tuple[np.ndarray[Any, Any],
         return rng.integers(0, 2, POOL_BITS, dtype=np.uint8), "bootstrap (mock, not secret)"
 
 
+def reconcile_key_stores(key_dir: str | Path) -> list[str]:
+    """Delete key blocks that only one party's store holds; the ids deleted.
+
+    Alice's key is stored before Bob's: a process killed in between leaves a key the
+    other side lacks, and first-in-first-out consumption would then pair different
+    keys.  Only key-block ids (:data:`BLOCK_ID`) are considered.  Two parties on two
+    machines would compare their ids over the authenticated channel instead.
+    """
+    key_dir = Path(key_dir)
+    stores = {side: KeyStore(key_dir / side) for side in ("alice", "bob")}
+    ids = {side: {r.key_id for r in store.list() if BLOCK_ID.search(r.key_id)}
+           for side, store in stores.items()}
+    removed = []
+    for side, other in (("alice", "bob"), ("bob", "alice")):
+        for key_id in sorted(ids[side] - ids[other]):
+            stores[side].delete(key_id)
+            removed.append(key_id)
+            log.warning("key store %s: removed key %s that %s never stored (interrupted "
+                        "distillation)", side, key_id, other)
+    return removed
+
+
 def distill(totals: RunTotals, settings: BB84Settings, key_dir: str | Path, run_id: str,
             ) -> Distilled:
     """Post-process a run's sifted bits into stored keys (or an abort reason)."""
+    return distill_block(*records(totals), settings, key_dir, run_id, 0)
+
+
+def distill_block(alice_record: SiftedRecord, bob_record: SiftedRecord,
+                  settings: BB84Settings, key_dir: str | Path, run_id: str, block: int,
+                  ) -> Distilled:
+    """Post-process one key block into stored keys (id :func:`block_id`) or an abort
+    reason.  Each block estimates its own parameters from its own test bits."""
     key_dir = Path(key_dir)
+    reconcile_key_stores(key_dir)
     params = parameters(settings)
     pool, source = authentication_pool(key_dir, settings.seed)
-    alice_record, bob_record = records(totals)
-    a, b = postprocess_in_process(alice_record, bob_record, params, pool, settings.seed)
+    a, b = postprocess_in_process(alice_record, bob_record, params, pool,
+                                  block_seed(settings.seed, block))
     files: list[str | None] = [None, None]
     if not a.aborted and not b.aborted and a.key is not None and b.key is not None:
         if not np.array_equal(a.key, b.key):  # verification passed, so this cannot happen
@@ -117,7 +216,7 @@ def distill(totals: RunTotals, settings: BB84Settings, key_dir: str | Path, run_
             store = KeyStore(key_dir / side)
             assert outcome.key is not None
             record = store.save(outcome.key, run_id=run_id, eps_sec=params.eps_sec,
-                                eps_cor=params.eps_cor)
+                                eps_cor=params.eps_cor, key_id=block_id(run_id, block))
             files[i] = str(store.file_of(record.key_id))
         if a.pool_refill is not None and a.pool_refill.size:
             KeyStore(key_dir / "auth_pool").save(a.pool_refill, run_id=run_id,

@@ -35,7 +35,7 @@ import pytest
 from qkdlab.experiments.bb84.liveness import PROCESS_KEY, liveness, mark_orphaned_runs
 from qkdlab.experiments.bb84.rawtags import RawTagReader
 from qkdlab.experiments.bb84.run import FRAME_PARAMETERS
-from qkdlab.experiments.bb84.secure_key import load_record
+from qkdlab.experiments.bb84.secure_key import block_id, load_record
 from qkdlab.protocol.keystore import KeyStore
 
 RUNS = """
@@ -236,7 +236,7 @@ def check_runs(data_dir: Path) -> int:
         segments = json.loads(meta.get("raw_tags_segments", "[]"))
         for segment in segments or [{"path": meta["raw_tags"], "frames": frames}]:
             check_raw_file(Path(segment["path"]), segment["frames"])
-        records = [data_dir / "sifted" / f"{run['run_id']}-{side}.npz"
+        records = [data_dir / "sifted" / f"{block_id(run['run_id'], 0)}-{side}.npz"
                    for side in ("alice", "bob")]
         if meta["status"] == "completed":  # written last: its files are whole
             alice, bob = (load_record(p) for p in records)
