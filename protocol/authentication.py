@@ -134,10 +134,15 @@ class PolynomialHash:
 
     def digest(self, data: bytes) -> bytes:
         """Hash of ``data``: Horner over its 64-bit words followed by its byte length."""
-        pad = (-len(data)) % 8
-        words = np.empty((len(data) + pad) // 8 + 1, dtype=np.uint64)
-        words[:-1] = np.frombuffer(data + b"\x00" * pad, dtype=">u8")
-        words[-1] = len(data)
+        n = len(data)
+        full = n // 8
+        words = np.empty(-(-n // 8) + 1, dtype=np.uint64)
+        words[:full] = np.frombuffer(data, dtype=">u8", count=full)  # no copy of the data
+        if n % 8:
+            words[full] = int.from_bytes(bytes(data[8 * full :]).ljust(8, b"\x00"), "big")
+        words[-1] = n
+        if len(self._tables) == 1:
+            return int(_horner(words, self._tables[0])).to_bytes(8, "big")
         return b"".join(int(_horner(words, t)).to_bytes(8, "big") for t in self._tables)
 
     def collision_bound(self, n_bytes: int) -> float:
@@ -265,18 +270,24 @@ class AuthSession:
         """Wegman–Carter tag of ``data`` sent as message ``seq`` in ``direction``."""
         pad = self._pad(direction, seq)
         self.tags_made += 1
-        return bytes(a ^ b for a, b in zip(self._hash.digest(data), pad, strict=True))
+        return _xor(self._hash.digest(data), pad)
 
     def check(self, data: bytes, tag: bytes, direction: int, seq: int) -> bool:
         """True iff ``tag`` is the tag of ``data`` as message ``seq`` in ``direction``."""
         pad = self._pad(direction, seq)
         self.tags_checked += 1
-        expected = bytes(a ^ b for a, b in zip(self._hash.digest(data), pad, strict=True))
-        return _constant_time_equal(expected, tag)
+        return _constant_time_equal(_xor(self._hash.digest(data), pad), tag)
 
     def forgery_bound(self, n_bytes: int) -> float:
         """Probability that one forged message of ≤ ``n_bytes`` bytes is accepted."""
         return self._hash.collision_bound(n_bytes)
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    """Byte-wise XOR of two equal-length byte strings."""
+    if len(a) != len(b):
+        raise ValueError("XOR of byte strings of different lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def _constant_time_equal(a: bytes, b: bytes) -> bool:

@@ -28,22 +28,26 @@ differ are caught by :mod:`qkdlab.protocol.verification`.
 Layout of a pass: frames stay apart; inside a frame the positions are permuted (not in
 pass 1 by default: with independent errors a permutation adds nothing) and cut into
 blocks of k; for k ≥ n/2 the frame is instead split into two random halves (a random
-mask: cheap, and materialised only if a half turns out odd).  Both sides derive every
-layout from a seed Alice sends; keys never leave either side.
+mask, kept packed; a frame's half order is built only once one of its halves turns out
+odd).  Both sides derive every layout from a seed Alice sends; keys never leave either
+side.  The per-round work (Bob's searches and corrections over all passes and frames,
+Alice's answers) runs in the numba kernels of :mod:`qkdlab.protocol.cascade_kernels`, so
+a round costs two messages and a few kernel calls whatever the number of frames.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
-from qkdlab.protocol.bits import Bits, as_bits, binary_entropy, prefix_parity
+from qkdlab.protocol import cascade_kernels as kern
+from qkdlab.protocol.bits import Bits, as_bits, binary_entropy
 from qkdlab.protocol.channel import (
     ChannelTimeoutError,
     ClassicalChannel,
@@ -54,252 +58,11 @@ from qkdlab.protocol.channel import (
 
 IntArray = npt.NDArray[np.int64]
 I32Array = npt.NDArray[np.int32]
+_Int = TypeVar("_Int", np.uint8, np.uint64)
 
 MAX_PASSES = 64
 MIN_QBER = 1e-5
-
-
-# --- numba kernels ----------------------------------------------------------------------
-
-
-@numba.njit(cache=True, nogil=True)
-def _shuffled_frames(frames: IntArray, seeds: npt.NDArray[np.uint64]) -> I32Array:
-    """Per-frame Fisher–Yates permutations (splitmix64 stream seeded per frame), offset by
-    each frame's start; identical on both sides for the same seeds.  The swap index is
-    Lemire's multiply-shift reduction of the top 32 bits (frames < 2^32 bits)."""
-    out = np.empty(frames[-1], dtype=np.int32)
-    for f in range(frames.size - 1):
-        f0, f1 = frames[f], frames[f + 1]
-        for i in range(f0, f1):
-            out[i] = i
-        state = seeds[f]
-        for i in range(f1 - f0 - 1, 0, -1):
-            state += np.uint64(0x9E3779B97F4A7C15)
-            z = state
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z = z ^ (z >> np.uint64(31))
-            j = np.int64(((z >> np.uint64(32)) * np.uint64(i + 1)) >> np.uint64(32))
-            out[f0 + i], out[f0 + j] = out[f0 + j], out[f0 + i]
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _halves_parities(key: Bits, mask: Bits, frames: IntArray) -> Bits:
-    """Per frame f: parity of the mask-0 half (out[2f]) and of the mask-1 half (out[2f+1]).
-
-    Bytes hold 0/1, so XOR-ing 8-byte words keeps one parity per byte lane; the lanes are
-    folded at the end.
-    """
-    out = np.zeros(2 * (frames.size - 1), dtype=np.uint8)
-    kw = key[: key.size - key.size % 8].view(np.uint64)
-    mw = mask[: mask.size - mask.size % 8].view(np.uint64)
-    for f in range(frames.size - 1):
-        f0, f1 = frames[f], frames[f + 1]
-        total = np.uint64(0)
-        second = np.uint64(0)
-        i = f0
-        while i < f1 and i % 8 != 0:
-            total ^= np.uint64(key[i])
-            second ^= np.uint64(key[i] & mask[i])
-            i += 1
-        while i + 8 <= f1:
-            w = kw[i // 8]
-            total ^= w
-            second ^= w & mw[i // 8]
-            i += 8
-        while i < f1:
-            total ^= np.uint64(key[i])
-            second ^= np.uint64(key[i] & mask[i])
-            i += 1
-        for sh in (32, 16, 8):
-            total ^= total >> np.uint64(sh)
-            second ^= second >> np.uint64(sh)
-        t, s2 = np.uint8(total & np.uint64(1)), np.uint8(second & np.uint64(1))
-        out[2 * f] = t ^ s2
-        out[2 * f + 1] = s2
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _halves_order(frames: IntArray, mask: Bits) -> I32Array:
-    """Per frame: the positions with mask 0 (in order), then those with mask 1."""
-    out = np.empty(mask.size, dtype=np.int32)
-    for f in range(frames.size - 1):
-        f0, f1 = frames[f], frames[f + 1]
-        ones = 0
-        for i in range(f0, f1):
-            ones += mask[i]
-        z, o = f0, f1 - ones
-        for i in range(f0, f1):
-            if mask[i]:
-                out[o] = i
-                o += 1
-            else:
-                out[z] = i
-                z += 1
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _inverse(order: I32Array) -> I32Array:
-    inv = np.empty(order.size, dtype=np.int32)
-    for i in range(order.size):
-        inv[order[i]] = i
-    return inv
-
-
-@numba.njit(cache=True, nogil=True)
-def _gather_prefix(key: Bits, order: I32Array) -> Bits:
-    """Prefix parities of ``key[order]`` (length n + 1), without the gathered copy."""
-    out = np.empty(order.size + 1, dtype=np.uint8)
-    out[0] = 0
-    c = np.uint8(0)
-    for i in range(order.size):
-        c ^= key[order[i]]
-        out[i + 1] = c
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _prefix_to_fenwick(cum: Bits) -> Bits:
-    """Prefix parities to a GF(2) Fenwick tree, in place: fen[i] = cum[i] ^ cum[i - lsb(i)]."""
-    for i in range(cum.size - 1, 0, -1):
-        cum[i] ^= cum[i - (i & -i)]
-    return cum
-
-
-@numba.njit(cache=True, inline="always")
-def _fen_prefix(fen: Bits, i: int) -> int:
-    r = 0
-    while i > 0:
-        r ^= fen[i]
-        i -= i & -i
-    return r
-
-
-@numba.njit(cache=True)
-def _descend(
-    known: Bits, heap: int, fen: Bits,
-    tb: IntArray, th: IntArray, tlo: IntArray, thi: IntArray, count: int, found: IntArray,
-) -> tuple[int, int]:
-    """Walk each search token down through known parities.
-
-    A token (block, heap index, [lo, hi)) has odd error parity.  It stops where the left
-    child's parity is unknown (a query is needed: token kept) or at a single bit (an
-    error: its position goes to ``found``).  Tokens are compacted in place; returns
-    (tokens kept, errors found).
-    """
-    kept = 0
-    nfound = 0
-    for t in range(count):
-        b, h, lo, hi = tb[t], th[t], tlo[t], thi[t]
-        base = b * heap
-        while True:
-            if hi - lo == 1:
-                bob = _fen_prefix(fen, hi) ^ _fen_prefix(fen, lo)
-                if ((known[base + h] - 1) ^ bob) != 1:
-                    raise RuntimeError("Cascade invariant broken: leaf without error")
-                found[nfound] = lo
-                nfound += 1
-                break
-            mid = lo + (hi - lo) // 2
-            kl = known[base + 2 * h]
-            if kl == 0:
-                tb[kept], th[kept], tlo[kept], thi[kept] = b, h, lo, hi
-                kept += 1
-                break
-            bob = _fen_prefix(fen, mid) ^ _fen_prefix(fen, lo)
-            if ((kl - 1) ^ bob) == 1:
-                h, hi = 2 * h, mid
-            else:
-                h, lo = 2 * h + 1, mid
-    return kept, nfound
-
-
-@numba.njit(cache=True)
-def _store(known: Bits, heap: int, tb: IntArray, th: IntArray, answers: Bits) -> None:
-    """Record Alice's answer for each token's left child and infer the right child."""
-    for t in range(answers.size):
-        base = tb[t] * heap
-        h = th[t]
-        parent = known[base + h] - 1
-        known[base + 2 * h] = answers[t] + 1
-        known[base + 2 * h + 1] = (parent ^ answers[t]) + 1
-
-
-@numba.njit(cache=True)
-def _flip_pass(
-    known: Bits, heap: int, fen: Bits, starts: IntArray, pos: IntArray, walk: Bits,
-    tb: IntArray, th: IntArray, tlo: IntArray, thi: IntArray, count: int,
-) -> tuple[IntArray, IntArray, IntArray, IntArray]:
-    """Apply corrections at the (sorted) pass positions ``pos`` and update the tokens.
-
-    Tokens whose range holds a flipped bit are dropped.  Then, for each flipped bit with
-    ``walk`` set, the path of known sub-blocks containing it is walked from its block's
-    root: every odd node on it whose parent on the path is even (or that is the root)
-    becomes a token.  Only nodes holding a flipped bit change parity, so all odd known
-    sub-blocks are covered (a kept token may now sit below a new one: both searches find
-    real errors).  A bit located by this pass's own search needs no walk: the known
-    nodes holding it are exactly that search's path, all odd before and even after.
-    """
-    for p in pos:
-        i = p + 1
-        n = fen.size - 1
-        while i <= n:
-            fen[i] ^= 1
-            i += i & -i
-    cap = count + 4 * pos.size + 16
-    nb = np.empty(cap, np.int64)
-    nh = np.empty(cap, np.int64)
-    nlo = np.empty(cap, np.int64)
-    nhi = np.empty(cap, np.int64)
-    m = 0
-    for t in range(count):
-        if np.searchsorted(pos, tlo[t]) < np.searchsorted(pos, thi[t]):
-            continue
-        nb[m], nh[m], nlo[m], nhi[m] = tb[t], th[t], tlo[t], thi[t]
-        m += 1
-    block_first = m
-    prev_b = -1
-    for w in range(pos.size):
-        if not walk[w]:
-            continue
-        p = pos[w]
-        b = np.searchsorted(starts, p, side="right") - 1
-        if b != prev_b:
-            block_first = m
-            prev_b = b
-        base = b * heap
-        h, lo, hi = 1, starts[b], starts[b + 1]
-        plo, phi = _fen_prefix(fen, lo), _fen_prefix(fen, hi)
-        parent_odd = False
-        while True:
-            odd = ((known[base + h] - 1) ^ phi ^ plo) == 1
-            if odd and not parent_odd:
-                dup = False
-                for u in range(block_first, m):
-                    if nb[u] == b and nh[u] == h:
-                        dup = True
-                        break
-                if not dup:
-                    if m == nb.size:
-                        nb = np.concatenate((nb, np.empty(nb.size, np.int64)))
-                        nh = np.concatenate((nh, np.empty(nh.size, np.int64)))
-                        nlo = np.concatenate((nlo, np.empty(nlo.size, np.int64)))
-                        nhi = np.concatenate((nhi, np.empty(nhi.size, np.int64)))
-                    nb[m], nh[m], nlo[m], nhi[m] = b, h, lo, hi
-                    m += 1
-            parent_odd = odd
-            if hi - lo <= 1 or known[base + 2 * h] == 0:
-                break
-            mid = lo + (hi - lo) // 2
-            pmid = _fen_prefix(fen, mid)
-            if p < mid:
-                h, hi, phi = 2 * h, mid, pmid
-            else:
-                h, lo, plo = 2 * h + 1, mid, pmid
-    return nb[:m], nh[:m], nlo[:m], nhi[:m]
+_NO_ORDER = np.zeros(0, dtype=np.int32)
 
 
 # --- parameters and results --------------------------------------------------------------
@@ -386,92 +149,100 @@ class CascadeResult:
 # --- layouts -----------------------------------------------------------------------------
 
 
-class _Layout:
-    """Positions of one pass over the concatenated frames (identical on both sides).
+class _Plan:
+    """Layouts of all passes over the concatenated frames (identical on both sides).
 
-    ``order[pos]`` is the key index at pass position ``pos``; blocks are the position
-    ranges ``[starts[b], starts[b+1])`` and never cross frames.
+    Pass q cuts the positions into blocks ``starts[soff[q]:soff[q + 1]]`` that never
+    cross frames.  Its kind is identity (positions are key indices), shuffled (position p
+    holds key index ``order[p]``, a per-frame Fisher–Yates permutation built when the pass
+    starts) or halves (per frame, the mask-0 bits then the mask-1 bits; ``masks[hrow[q]]``
+    is the packed mask, ``ones[hrow[q]]`` its ones count every 64 bits).
     """
 
-    def __init__(self, frames: IntArray, k: int, seed: int, index: int, shuffle: bool) -> None:
-        self.frames = frames  # frame boundaries, length F+1
-        self.n = int(frames[-1])
-        if self.n >= 2**31 - 1:
+    def __init__(
+        self, frames: IntArray, block_sizes: Sequence[int], seed: int, shuffle_first: bool
+    ) -> None:
+        self.frames = frames
+        self.n = n = int(frames[-1])
+        if n >= 2**31 - 1:
             raise ValueError("at most 2^31 - 2 bits per Cascade run")
         lengths = np.diff(frames)
+        self.lengths = lengths
         longest = int(lengths.max(initial=0))
-        self.halves = bool(2 * k >= longest and longest > 1)
-        self._order: I32Array | None = None
-        self._inv: I32Array | None = None
-        if self.halves:
-            rng = np.random.default_rng([seed, index])
-            self.mask = np.unpackbits(
-                rng.integers(0, 256, (self.n + 7) // 8, np.uint8), count=self.n
-            )
-            ones = np.array(
-                [np.count_nonzero(self.mask[a:b]) for a, b in itertools.pairwise(frames)],
-                dtype=np.int64,
-            )
-            starts = np.empty(2 * lengths.size + 1, dtype=np.int64)
-            starts[0:-1:2] = frames[:-1]
-            starts[1:-1:2] = frames[1:] - ones
-            starts[-1] = self.n
-            self.starts = starts
-            self.block_frame = np.repeat(np.arange(lengths.size, dtype=np.int64), 2)
-            self.k = int(max((lengths - ones).max(initial=1), ones.max(initial=1)))
-        else:
-            self.k = k
-            per = -(-lengths // k)
-            self.starts = np.concatenate(
-                [f0 + np.minimum(np.arange(m, dtype=np.int64) * k, ln)
-                 for f0, m, ln in zip(frames[:-1], per, lengths, strict=True)]
-                + [np.array([self.n], dtype=np.int64)]
-            )
-            self.block_frame = np.repeat(np.arange(lengths.size, dtype=np.int64), per)
-            if shuffle:
-                seeds = np.array(
-                    [_subseed(seed, index, f) for f in range(lengths.size)], dtype=np.uint64
+        nbytes = 8 * ((n + 63) // 64)  # the mask's (n + 7) // 8 bytes, zero-padded to words
+        npass, nframes = len(block_sizes), lengths.size
+        self.kinds = np.zeros(npass, dtype=np.int64)
+        self.ks = np.zeros(npass, dtype=np.int64)
+        self.srow = np.full(npass, -1, dtype=np.int64)
+        self.hrow = np.full(npass, -1, dtype=np.int64)
+        self.first_block = np.zeros((npass, nframes), dtype=np.int64)
+        self.seeds: dict[int, npt.NDArray[np.uint64]] = {}
+        halves = [q for q, k in enumerate(block_sizes) if 2 * k >= longest and longest > 1]
+        self.masks = np.zeros((len(halves), nbytes), dtype=np.uint8)
+        self.ones = np.zeros((len(halves), nbytes // 8 + 1), dtype=np.int64)
+        self.starts_list: list[IntArray] = []
+        self.block_frame: list[IntArray] = []
+        self.last_of_frame: list[npt.NDArray[np.bool_]] = []
+        for q, k in enumerate(block_sizes):
+            if q in halves:
+                h = self.hrow[q] = halves.index(q)
+                mask = self.masks[h]
+                mask[: (n + 7) // 8] = np.random.default_rng([seed, q]).integers(
+                    0, 256, (n + 7) // 8, np.uint8
                 )
-                self._order = _shuffled_frames(frames, seeds)
-        self.identity = not self.halves and self._order is None
-        self.blocks = int(self.starts.size - 1)
-        # the last non-empty block of each frame (its parity is implied after pass 1)
-        last = np.zeros(self.blocks, dtype=bool)
-        if self.blocks:
-            ends = np.searchsorted(self.starts, frames[1:], side="left") - 1
-            last[ends[lengths > 0]] = True
-        self.last_of_frame = last & (np.diff(self.starts) > 0)
-        self.heap = 2 << max(0, math.ceil(math.log2(max(self.k, 1))))
+                if n % 8:
+                    mask[n // 8] &= (0xFF << (8 - n % 8)) & 0xFF  # no ones past the end
+                self.ones[h] = kern.ones_directory(mask.view(np.uint64))
+                per_frame = kern.halves_ones(mask, self.ones[h], frames)
+                st = np.empty(2 * nframes + 1, dtype=np.int64)
+                st[0:-1:2] = frames[:-1]
+                st[1:-1:2] = frames[1:] - per_frame
+                st[-1] = n
+                bf = np.repeat(np.arange(nframes, dtype=np.int64), 2)
+                self.kinds[q] = kern.HALVES
+                self.ks[q] = max((lengths - per_frame).max(initial=1), per_frame.max(initial=1))
+                self.first_block[q] = 2 * np.arange(nframes)
+            else:
+                per = -(-lengths // k)
+                bf = np.repeat(np.arange(nframes, dtype=np.int64), per)
+                first = np.cumsum(per) - per
+                within = np.arange(bf.size, dtype=np.int64) - first[bf]
+                st = np.concatenate([frames[:-1][bf] + within * k, [n]]).astype(np.int64)
+                self.ks[q] = k
+                self.first_block[q] = first
+                if shuffle_first or q > 0:
+                    self.kinds[q] = kern.SHUFFLED
+                    self.srow[q] = len(self.seeds)
+                    self.seeds[q] = np.array(
+                        [_subseed(seed, q, f) for f in range(nframes)], dtype=np.uint64
+                    )
+            self.starts_list.append(st)
+            self.block_frame.append(bf)
+            # the last non-empty block of each frame (its parity is implied after pass 1)
+            last = np.zeros(st.size - 1, dtype=bool)
+            if st.size > 1:
+                ends = np.searchsorted(st, frames[1:], side="left") - 1
+                last[ends[lengths > 0]] = True
+            self.last_of_frame.append(last & (np.diff(st) > 0))
+        # all passes' block starts concatenated (pass q from soff[q]), block -> frame (pass
+        # q from soff[q] - q)
+        self.soff = np.concatenate(
+            [[0], np.cumsum([st.size for st in self.starts_list])]
+        ).astype(np.int64)
+        self.starts = np.concatenate([*self.starts_list, np.zeros(0, np.int64)]).astype(np.int64)
+        self.bframe = np.concatenate([*self.block_frame, np.zeros(0, np.int64)]).astype(np.int64)
+        self.max_blocks = max((st.size - 1 for st in self.starts_list), default=0)
+        # passes visited by increasing block size (the serial Cascade's smallest-first)
+        self.rank = np.array(sorted(range(npass), key=lambda q: int(self.ks[q])), dtype=np.int64)
 
     @property
-    def order(self) -> I32Array:
-        """Key index of each pass position (built on first use for a halves pass)."""
-        if self._order is None:
-            if self.halves:
-                self._order = _halves_order(self.frames, self.mask)
-            else:
-                self._order = np.arange(self.n, dtype=np.int32)
-        return self._order
+    def passes(self) -> int:
+        return int(self.kinds.size)
 
-    def to_positions(self, idx: IntArray) -> IntArray:
-        """Pass positions of key indices ``idx``."""
-        if self.identity:
-            return idx
-        if self._inv is None:
-            self._inv = _inverse(self.order)
-        return self._inv[idx].astype(np.int64)
-
-    def to_indices(self, pos: IntArray) -> IntArray:
-        """Key indices at pass positions ``pos``."""
-        return pos if self.identity else self.order[pos].astype(np.int64)
-
-    def prefix(self, key: Bits) -> Bits:
-        """Prefix parities of the key in this pass's order (length n + 1)."""
-        return prefix_parity(key) if self.identity else _gather_prefix(key, self.order)
-
-    def halves_parities(self, key: Bits) -> Bits:
-        """Parities of every block of a halves pass without materialising the order."""
-        return _halves_parities(key, self.mask, self.frames)
+    def shuffled(self, q: int, out: I32Array) -> I32Array:
+        """Pass q's order (a shuffled pass) written into ``out``."""
+        kern.shuffle_into(out, self.frames, self.seeds[q])
+        return out
 
 
 def _subseed(seed: int, index: int, frame: int) -> np.uint64:
@@ -480,6 +251,20 @@ def _subseed(seed: int, index: int, frame: int) -> np.uint64:
 
 def _frame_bounds(lengths: Sequence[int]) -> IntArray:
     return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
+
+
+def _sparse_zeros(rows: int, cols: int, dtype: type[_Int]) -> npt.NDArray[_Int]:
+    """Zero array from an anonymous mapping: the OS supplies zero pages on first touch,
+    4 KiB at a time.  (numpy asks for transparent huge pages for big arrays, so a row
+    touched only at its block ends would cost 2 MiB of zeroing per touch.)"""
+    size = rows * cols
+    buf = mmap.mmap(-1, max(size * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buf, dtype=dtype, count=size).reshape(rows, cols)
+
+
+def _words(key: Bits) -> npt.NDArray[np.uint64]:
+    """The key's first n - n % 8 bytes as little-endian words (a view: follows flips)."""
+    return key[: key.size - key.size % 8].view(np.uint64)
 
 
 # --- Alice -------------------------------------------------------------------------------
@@ -496,11 +281,13 @@ class CascadeAlice:
     def __init__(self, keys: Bits | Sequence[Bits], rng: np.random.Generator) -> None:
         frames = [keys] if isinstance(keys, np.ndarray) else list(keys)
         self._key = np.concatenate([as_bits(k) for k in frames] + [np.zeros(0, np.uint8)])
+        self._keyw = _words(self._key)
         self._frames = _frame_bounds([k.size for k in frames])
         self._rng = rng
-        self._layouts: list[_Layout] = []
-        self._cum: dict[int, Bits] = {}
-        self._halves_par: dict[int, Bits] = {}
+        self._plan: _Plan | None = None
+        self._cum = np.zeros((0, self._key.size + 1), dtype=np.uint8)
+        self._crow = np.zeros(0, dtype=np.int64)
+        self._built = 0  # passes < _built have their prefix row (if not halves)
         self.disclosed_bits = 0
         self.done = False
 
@@ -547,111 +334,71 @@ class CascadeAlice:
         sizes = msg.get_array("block_sizes", np.int64)
         params = CascadeParameters(tuple(int(k) for k in sizes), bool(msg.get_int("shuffle")))
         seed = int(self._rng.integers(0, 2**40))
-        self._layouts = [
-            _Layout(self._frames, k, seed, i, params.shuffle_first_pass or i > 0)
-            for i, k in enumerate(params.block_sizes)
-        ]
-        self._cum.clear()
-        self._halves_par.clear()
+        plan = self._plan = _Plan(
+            self._frames, params.block_sizes, seed, params.shuffle_first_pass
+        )
+        plain = np.flatnonzero(plan.kinds != kern.HALVES)
+        self._crow = np.full(plan.passes, -1, dtype=np.int64)
+        self._crow[plain] = np.arange(plain.size)
+        self._cum = np.empty((plain.size, self._key.size + 1), dtype=np.uint8)
+        self._built = 0
         self.disclosed_bits = 0
         self.done = False
         return Message("cascade/seed", seed=seed)
 
+    def _prefixes_up_to(self, last: int) -> None:
+        """Prefix rows of passes ``_built .. last`` (the identity and shuffled ones)."""
+        plan = self._plan
+        assert plan is not None
+        scratch: I32Array | None = None
+        for q in range(self._built, last + 1):
+            kind = plan.kinds[q]
+            if kind == kern.HALVES:
+                continue
+            order = _NO_ORDER
+            if kind == kern.SHUFFLED:
+                if scratch is None:
+                    scratch = np.empty(self._key.size, dtype=np.int32)
+                order = plan.shuffled(q, scratch)
+            kern.gather_prefix_into(
+                self._key, order, kind == kern.IDENTITY, self._cum[self._crow[q]]
+            )
+        self._built = max(self._built, last + 1)
+
     def _answer(self, msg: Message) -> Message:
-        passes = msg.get_array("pass", np.uint8).astype(np.int64)
-        lo = msg.get_array("lo").astype(np.int64)
-        hi = msg.get_array("hi").astype(np.int64)
+        plan = self._plan
+        if plan is None:
+            raise ProtocolError("parity query before cascade/start")
+        passes = msg.get_array("pass", np.uint8)
+        lo, hi = msg.get_array("lo"), msg.get_array("hi")
         n = self._key.size
         if not passes.size == lo.size == hi.size:
             raise ProtocolError("pass, lo and hi must have equal lengths")
-        if passes.size and (
-            passes.max() >= len(self._layouts) or lo.min() < 0 or hi.max() > n
-            or np.any(lo >= hi)
-        ):
-            raise ProtocolError("parity query outside the key or the agreed passes")
-        if self.disclosed_bits + passes.size > n + 64 * len(self._layouts):
+        if lo.dtype != hi.dtype or lo.dtype not in (np.uint32, np.uint64):
+            raise ProtocolError("lo and hi must both be uint32 or both uint64 arrays")
+        if self.disclosed_bits + passes.size > n + 64 * plan.passes:
             raise ProtocolError("Bob asked for more parities than Cascade can need")
-        if passes.size and passes.min() == passes.max():
-            out = self._parities(int(passes[0]), lo, hi)
-        else:
-            out = np.empty(passes.size, dtype=np.uint8)
-            for q in np.unique(passes):
-                sel = passes == q
-                out[sel] = self._parities(int(q), lo[sel], hi[sel])
+        out = np.empty(passes.size, dtype=np.uint8)
+        if passes.size:
+            last = int(passes.max())
+            if self._built <= last < plan.passes:
+                self._prefixes_up_to(last)
+            code, bad = kern.answer(
+                passes, lo, hi, plan.kinds, plan.starts, plan.soff, plan.frames, self._cum,
+                self._crow, self._key, self._keyw, plan.masks, plan.ones, plan.hrow, out,
+            )
+            if code == 1:
+                raise ProtocolError("parity query outside the key or the agreed passes")
+            if code == 2:
+                raise ProtocolError(
+                    f"parity query {bad} (pass {passes[bad]}, [{lo[bad]}, {hi[bad]})) "
+                    "is not inside one half of a frame"
+                )
         self.disclosed_bits += int(passes.size)
         return Message("cascade/parities", parity=np.packbits(out), count=int(out.size))
 
-    def _parities(self, q: int, lo: IntArray, hi: IntArray) -> Bits:
-        lay = self._layouts[q]
-        if lay.halves and q not in self._cum:
-            b = np.searchsorted(lay.starts, lo, side="right") - 1
-            if np.all((lay.starts[b] == lo) & (lay.starts[b + 1] == hi)):
-                par = self._halves_par.get(q)
-                if par is None:
-                    par = self._halves_par[q] = lay.halves_parities(self._key)
-                return par[b]
-        cum = self._cum.get(q)
-        if cum is None:
-            cum = self._cum[q] = lay.prefix(self._key)
-        return cum[lo] ^ cum[hi]
-
 
 # --- Bob ---------------------------------------------------------------------------------
-
-
-class _BobPass:
-    """Bob's state in one pass: known parities of Alice, Fenwick tree, search tokens."""
-
-    def __init__(self, layout: _Layout, alice_roots: Bits) -> None:
-        self.lay = layout
-        self.alice_roots = alice_roots
-        self.known: Bits | None = None
-        self.fen: Bits | None = None
-        self.root_err: Bits | None = None  # lazy halves pass: error parity per block
-        e = np.zeros(0, np.int64)
-        self.tb, self.th, self.tlo, self.thi = e, e, e, e
-        self.top = 0
-        self.search = 0
-        self.corrections = 0
-
-    @property
-    def tokens(self) -> int:
-        return int(self.tb.size)
-
-    def materialise(self, key: Bits) -> None:
-        """Build the known-parity tree and Fenwick tree; odd blocks become tokens."""
-        lay = self.lay
-        self.known = np.zeros(lay.blocks * lay.heap, dtype=np.uint8)
-        b = np.arange(lay.blocks, dtype=np.int64)
-        self.known[b * lay.heap + 1] = self.alice_roots + 1
-        cum = lay.prefix(key)
-        odd = np.flatnonzero(self.alice_roots ^ cum[lay.starts[:-1]] ^ cum[lay.starts[1:]])
-        self.fen = _prefix_to_fenwick(cum)
-        self.tb, self.th = odd, np.ones(odd.size, np.int64)
-        self.tlo, self.thi = lay.starts[odd], lay.starts[odd + 1]
-        self.root_err = None
-
-
-@dataclass
-class _Batch:
-    """The parity queries of one round: per pass, the asking tokens and their ranges."""
-
-    q: list[int] = field(default_factory=list)
-    tb: list[IntArray] = field(default_factory=list)
-    th: list[IntArray] = field(default_factory=list)
-    lo: list[IntArray] = field(default_factory=list)
-    hi: list[IntArray] = field(default_factory=list)
-
-    def add(self, q: int, tb: IntArray, th: IntArray, lo: IntArray, hi: IntArray) -> None:
-        if lo.size:
-            self.q.append(q)
-            self.tb.append(tb)
-            self.th.append(th)
-            self.lo.append(lo)
-            self.hi.append(hi)
-
-    def __len__(self) -> int:
-        return sum(x.size for x in self.lo)
 
 
 class CascadeBob:
@@ -676,7 +423,7 @@ class CascadeBob:
             qber_estimate, max(self._lengths, default=0)
         )
         self._key = self._key0.copy()
-        self._passes: list[_BobPass] = []
+        self._keyw = _words(self._key)
         self._channel: ClassicalChannel | None = None
         self._timeout: float | None = None
         self.rounds = 0
@@ -700,15 +447,30 @@ class CascadeBob:
             ),
             timeout,
         ).expect("cascade/seed")
-        seed = reply.get_int("seed")
-        for i, k in enumerate(self.params.block_sizes):
-            lay = _Layout(self._frames, k, seed, i, self.params.shuffle_first_pass or i > 0)
-            self._start_pass(lay, first=i == 0)
+        plan = _Plan(
+            self._frames, self.params.block_sizes, reply.get_int("seed"),
+            self.params.shuffle_first_pass,
+        )
+        state = _BobState(plan, self.n)
+        for q in range(plan.passes):
+            self._start_pass(plan, state, q)
             while True:
-                batch = self._advance()
-                if not len(batch):
+                state.pool, state.cur, state.batch, state.aux, nb = kern.advance(
+                    self._key, plan.frames, min(self._lengths, default=0), plan.kinds,
+                    plan.ks, plan.rank, state.started, plan.starts, plan.soff, plan.bframe,
+                    plan.first_block, state.known, state.pk, plan.srow, state.order,
+                    state.inv, plan.hrow, plan.masks, plan.ones, state.root_err, state.built,
+                    state.pool, state.cur, state.tcount, state.batch, state.aux,
+                    state.corrections, state.flags,
+                )
+                if not nb:
                     break
-                self._ask_and_store(batch)
+                batch = state.batch[:nb]
+                answers = self._query(batch[:, 0], batch[:, 2], batch[:, 3])
+                kern.store(
+                    state.known, plan.frames, batch, answers, state.search,
+                    self._disclosed_frame,
+                )
         done = channel.request(Message("cascade/done"), timeout).expect("cascade/done")
         alice_count = done.get_int("disclosed_bits")
         if alice_count != self.disclosed_bits:
@@ -716,8 +478,9 @@ class CascadeBob:
                 f"Alice counts {alice_count} disclosed parities, Bob {self.disclosed_bits}"
             )
         reports = tuple(
-            PassReport(p.lay.k, p.lay.blocks, p.top, p.search, p.corrections)
-            for p in self._passes
+            PassReport(int(plan.ks[q]), plan.starts_list[q].size - 1, int(state.top[q]),
+                       int(state.search[q]), int(state.corrections[q]))
+            for q in range(plan.passes)
         )
         return [
             CascadeResult(
@@ -748,139 +511,105 @@ class CascadeBob:
             raise ProtocolError(f"asked {q.size} parities, got {count}")
         self.rounds += 1
         self.disclosed_bits += int(q.size)
-        frame = np.searchsorted(self._frames, lo, side="right") - 1
-        self._disclosed_frame += np.bincount(frame, minlength=self._disclosed_frame.size)
         return np.unpackbits(reply.get_array("parity", np.uint8), count=count)
 
-    def _start_pass(self, lay: _Layout, first: bool) -> None:
-        q = len(self._passes)
+    def _start_pass(self, plan: _Plan, state: _BobState, q: int) -> None:
+        """Ask the block parities of pass q, build Bob's trees, odd blocks become tokens."""
+        first = q == 0
+        starts, bframe = plan.starts_list[q], plan.block_frame[q]
+        blocks = starts.size - 1
         # block-parity inference: after pass 1 the last block of each frame is implied
-        ask = np.ones(lay.blocks, dtype=bool) if first else ~lay.last_of_frame
-        ask &= np.diff(lay.starts) > 0
+        ask = np.ones(blocks, dtype=bool) if first else ~plan.last_of_frame[q]
+        ask &= np.diff(starts) > 0
         b = np.flatnonzero(ask)
         answers = (
-            self._query(np.full(b.size, q), lay.starts[b], lay.starts[b + 1])
+            self._query(np.full(b.size, q), starts[b], starts[b + 1])
             if b.size else np.zeros(0, np.uint8)
         )
-        roots = np.zeros(lay.blocks, dtype=np.uint8)
+        self._disclosed_frame += np.bincount(bframe[b], minlength=len(self._lengths))
+        roots = np.zeros(blocks, dtype=np.uint8)
         roots[b] = answers
         if first:
-            self._alice_total = self._frame_xor(roots, lay)
+            self._alice_total = self._frame_xor(roots, bframe)
         else:
-            implied = self._alice_total ^ self._frame_xor(roots, lay)
-            last = np.flatnonzero(lay.last_of_frame)
-            roots[last] = implied[lay.block_frame[last]]
-        bp = _BobPass(lay, roots)
-        bp.top = int(b.size)
-        self._passes.append(bp)
-        if lay.halves:
-            bp.root_err = roots ^ lay.halves_parities(self._key)
-            if bp.root_err.any():
-                bp.materialise(self._key)
+            implied = self._alice_total ^ self._frame_xor(roots, bframe)
+            last = np.flatnonzero(plan.last_of_frame[q])
+            roots[last] = implied[bframe[last]]
+        state.top[q] = b.size
+        kern.set_roots(state.known, q, plan.frames, starts, bframe, roots)
+        kind = plan.kinds[q]
+        if kind == kern.HALVES:
+            mask = plan.masks[plan.hrow[q]]
+            state.root_err[q] = roots ^ kern.halves_block_parities(
+                self._key, self._keyw, mask, plan.frames
+            )
+            new = kern.start_halves(
+                q, self._key, plan.frames, state.root_err, plan.masks, plan.hrow, state.pk,
+                state.built, plan.starts, plan.soff,
+            )
         else:
-            bp.materialise(self._key)
+            order, inv = _NO_ORDER, _NO_ORDER
+            if kind == kern.SHUFFLED:
+                order = plan.shuffled(q, state.order[plan.srow[q]])
+                inv = state.inv[plan.srow[q]]
+            par = kern.build_row(
+                self._key, order, kind == kern.IDENTITY, state.pk[q], inv, starts
+            )
+            state.built[q] = 1
+            odd = np.flatnonzero(par ^ roots)
+            new = np.stack([np.full(odd.size, q), odd, starts[odd], starts[odd + 1]],
+                           axis=1).astype(np.int64)
+        state.add_tokens(q, new, plan.rank)
+        state.started = q + 1
 
-    def _frame_xor(self, per_block: Bits, lay: _Layout) -> Bits:
+    def _frame_xor(self, per_block: Bits, block_frame: IntArray) -> Bits:
         """XOR of per-block values over the blocks of each frame."""
         out = np.zeros(len(self._lengths), dtype=np.uint8)
-        np.bitwise_xor.at(out, lay.block_frame, per_block)
+        np.bitwise_xor.at(out, block_frame, per_block)
         return out
 
-    def _ask_and_store(self, batch: _Batch) -> None:
-        q = np.concatenate([np.full(x.size, qq) for qq, x in zip(batch.q, batch.lo, strict=True)])
-        answers = self._query(q, np.concatenate(batch.lo), np.concatenate(batch.hi))
-        start = 0
-        for qq, tb, th in zip(batch.q, batch.tb, batch.th, strict=True):
-            bp = self._passes[qq]
-            assert bp.known is not None
-            _store(bp.known, bp.lay.heap, tb, th, answers[start : start + tb.size])
-            bp.search += int(tb.size)
-            start += tb.size
 
-    def _advance(self) -> _Batch:
-        """Walk the tokens through known parities, correct located errors, repeat.
+class _BobState:
+    """Bob's per-pass arrays (rows indexed by pass) and his search tokens.
 
-        Scheduling (the serial Cascade searches the smallest odd block first): passes are
-        visited by increasing block size; a token of a pass whose blocks exceed 1/16 of
-        the shortest frame waits while its frame has tokens in a pass of smaller blocks,
-        since a big block is likely to lose its odd parity to the smaller searches, which
-        would waste the parities disclosed for it.  Returns the queries of the next round
-        (empty once no pass has an odd known sub-block left).
-        """
-        order = sorted(range(len(self._passes)), key=lambda q: self._passes[q].lay.k)
-        short = min(self._lengths) if self._lengths else 0
-        while True:
-            batch = _Batch()
-            found: list[IntArray] = []
-            found_in: list[int] = []
-            busy = np.zeros(len(self._lengths), dtype=bool)
-            for q in order:
-                bp = self._passes[q]
-                if not bp.tokens:
-                    continue
-                assert bp.known is not None
-                assert bp.fen is not None
-                frames = bp.lay.block_frame[bp.tb]
-                if 16 * bp.lay.k > short and busy.any():
-                    go = ~busy[frames]
-                    parked = np.flatnonzero(~go)
-                    active = np.flatnonzero(go)
-                else:
-                    parked = np.zeros(0, np.int64)
-                    active = np.arange(bp.tokens)
-                busy[frames] = True
-                if not active.size:
-                    continue
-                tb, th, tlo, thi = bp.tb[active], bp.th[active], bp.tlo[active], bp.thi[active]
-                out = np.empty(active.size, dtype=np.int64)
-                kept, nfound = _descend(
-                    bp.known, bp.lay.heap, bp.fen, tb, th, tlo, thi, active.size, out
-                )
-                tb, th, tlo, thi = tb[:kept], th[:kept], tlo[:kept], thi[:kept]
-                if kept > 1:  # two tokens may meet at the same node: ask once
-                    _, first = np.unique(tb * bp.lay.heap + th, return_index=True)
-                    if first.size < kept:
-                        tb, th, tlo, thi = tb[first], th[first], tlo[first], thi[first]
-                if nfound:
-                    bp.corrections += nfound
-                    found.append(bp.lay.to_indices(out[:nfound]))
-                    found_in.append(q)
-                batch.add(q, tb, th, tlo, tlo + (thi - tlo) // 2)
-                bp.tb = np.concatenate((bp.tb[parked], tb))
-                bp.th = np.concatenate((bp.th[parked], th))
-                bp.tlo = np.concatenate((bp.tlo[parked], tlo))
-                bp.thi = np.concatenate((bp.thi[parked], thi))
-            if not found:
-                return batch
-            self._flip(np.unique(np.concatenate(found)), found, found_in)
+    ``known`` (Alice's parities, by block boundary) and ``pk`` (Bob's key in pass order,
+    packed): see :mod:`~qkdlab.protocol.cascade_kernels`; both are mapped lazily, so a
+    halves pass costs memory only at its block ends and in the frames it builds.
+    ``order``/``inv``: one row per shuffled pass.  ``pool[cur]`` holds the tokens
+    (pass, block, lo, hi) of the odd known nodes still to search, grouped by
+    ``plan.rank``, ``tcount[q]`` per pass; ``pool``, ``batch`` and ``aux`` are the work
+    arrays of :func:`~qkdlab.protocol.cascade_kernels.advance`, reused every round.
+    """
 
-    def _flip(self, idx: IntArray, found: list[IntArray], found_in: list[int]) -> None:
-        """Correct the key bits ``idx``; update every started pass's parities and tokens.
+    def __init__(self, plan: _Plan, n: int) -> None:
+        npass, nf = plan.passes, plan.lengths.size
+        shuffled = len(plan.seeds)
+        self.known = _sparse_zeros(npass, n + 1, np.uint8)
+        self.pk = _sparse_zeros(npass, n // 64 + 1, np.uint64)
+        self.order = np.empty((shuffled, n), dtype=np.int32)
+        self.inv = np.empty((shuffled, n), dtype=np.int32)
+        self.root_err = np.zeros((npass, 2 * nf), dtype=np.uint8)
+        self.built = np.zeros((npass, nf), dtype=np.uint8)
+        self.pool, self.batch, self.aux = kern.new_work(max(plan.max_blocks, 1))
+        self.cur = 0
+        self.flags = np.zeros(max(plan.max_blocks, 1), dtype=np.uint8)
+        self.tcount = np.zeros(npass, dtype=np.int64)
+        self.top = np.zeros(npass, dtype=np.int64)
+        self.search = np.zeros(npass, dtype=np.int64)
+        self.corrections = np.zeros(npass, dtype=np.int64)
+        self.started = 0
 
-        ``found[i]`` are the bits located by pass ``found_in[i]`` (no path walk there).
-        """
-        self._key[idx] ^= 1
-        for q, bp in enumerate(self._passes):
-            lay = bp.lay
-            if bp.fen is None:  # lazy halves pass: only its two roots per frame can change
-                assert bp.root_err is not None
-                blocks = 2 * (np.searchsorted(lay.frames, idx, side="right") - 1) + lay.mask[idx]
-                np.bitwise_xor.at(bp.root_err, blocks, 1)
-                if bp.root_err.any():
-                    bp.materialise(self._key)
-                continue
-            assert bp.known is not None
-            mine = [f for f, fq in zip(found, found_in, strict=True) if fq == q]
-            walk = (
-                ~np.isin(idx, np.concatenate(mine), assume_unique=False) if mine
-                else np.ones(idx.size, dtype=bool)
-            )
-            pos = lay.to_positions(idx)
-            order = np.argsort(pos, kind="stable")
-            bp.tb, bp.th, bp.tlo, bp.thi = _flip_pass(
-                bp.known, lay.heap, bp.fen, lay.starts, pos[order],
-                walk[order].view(np.uint8), bp.tb, bp.th, bp.tlo, bp.thi, bp.tokens,
-            )
+    def add_tokens(self, q: int, new: IntArray, rank: IntArray) -> None:
+        """Add pass q's tokens, keeping the pool grouped by ``rank``."""
+        total = int(self.tcount.sum())
+        tok = np.concatenate([self.pool[self.cur, :total], new]).astype(np.int64)
+        where = np.empty(rank.size, dtype=np.int64)
+        where[rank] = np.arange(rank.size)
+        tok = tok[np.argsort(where[tok[:, 0]], kind="stable")]
+        if tok.shape[0] > self.pool.shape[1]:
+            self.pool, self.batch, self.aux = kern.new_work(tok.shape[0])
+        self.pool[self.cur, : tok.shape[0]] = tok
+        self.tcount[q] += new.shape[0]
 
 
 def reconcile_in_process(

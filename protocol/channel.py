@@ -163,8 +163,8 @@ def encode_frame(msg: Message) -> bytes:
         else:
             raise TypeError(f"field {name!r}: {type(value).__name__} cannot be sent")
     header = _ENCODER.encode({"kind": msg.kind, "scalars": scalars, "arrays": arrays}).encode()
-    body = b"".join(chunks)
-    return _PREFIX.pack(MAGIC, VERSION, len(header), len(body)) + header + body
+    body_len = sum(len(c) for c in chunks)
+    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header), body_len), header, *chunks])
 
 
 def _reject_constant(name: str) -> float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
 
+from qkdlab.protocol import cascade_kernels as kern
 from qkdlab.protocol.authentication import AuthSession, KeyPool
 from qkdlab.protocol.bits import binary_entropy, binary_symmetric_channel, random_bits
 from qkdlab.protocol.cascade import (
@@ -15,7 +17,7 @@ from qkdlab.protocol.cascade import (
     CascadeParameters,
     reconcile_in_process,
 )
-from qkdlab.protocol.channel import AuthenticatedChannel, InProcessChannel, ProtocolError
+from qkdlab.protocol.channel import AuthenticatedChannel, InProcessChannel, Message, ProtocolError
 from qkdlab.protocol.verification import (
     VerificationError,
     correctness_bound,
@@ -137,7 +139,7 @@ def test_over_authenticated_channel_with_threads_and_verification() -> None:
     bob_verdict = verify_bob(b_ch, result.key)
     t.join(20)
     assert bob_verdict.match
-    assert out["verify"].match
+    assert out["verify"].match  # type: ignore[attr-defined]
     assert out["disclosed"] == result.disclosed_bits
     assert np.array_equal(result.key, alice_key[0])
     # every message cost one 64-bit pad slot in each direction's round (2·64 bits/message)
@@ -195,3 +197,210 @@ def test_verification_bound() -> None:
     assert res.match
     assert res.leaked_bits == 128
     assert res.epsilon_cor == correctness_bound(1000, 128)
+
+
+# --- the kernels behind the passes ---------------------------------------------------------
+
+
+def _started_alice(
+    keys: list[np.ndarray], sizes: tuple[int, ...], shuffle: bool = False
+) -> tuple[CascadeAlice, int]:
+    """An Alice that accepted a cascade/start; returns her and the layout seed."""
+    alice = CascadeAlice(keys, np.random.default_rng(21))
+    reply = alice.handle(
+        Message(
+            "cascade/start",
+            frames=np.array([k.size for k in keys], dtype=np.int64),
+            block_sizes=np.array(sizes, dtype=np.int64),
+            shuffle=int(shuffle),
+        )
+    )
+    assert reply is not None
+    return alice, reply.get_int("seed")
+
+
+def _ask(alice: CascadeAlice, q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    reply = alice.handle(
+        Message("cascade/ask", **{"pass": q.astype(np.uint8)}, lo=lo.astype(np.uint32),
+                hi=hi.astype(np.uint32))
+    )
+    assert reply is not None
+    return np.unpackbits(reply.get_array("parity", np.uint8), count=q.size)
+
+
+def _halves_order(n: int, frames: np.ndarray, seed: int, q: int) -> np.ndarray:
+    """A halves pass's order straight from its definition: per frame, the positions whose
+    mask bit is 0, then those whose mask bit is 1 (mask: Alice's seed, MSB-first bits)."""
+    mask = np.unpackbits(
+        np.random.default_rng([seed, q]).integers(0, 256, (n + 7) // 8, np.uint8), count=n
+    )
+    return np.concatenate(
+        [np.concatenate([np.flatnonzero(mask[a:b] == 0), np.flatnonzero(mask[a:b] == 1)]) + a
+         for a, b in itertools.pairwise(frames)]
+        + [np.zeros(0, np.int64)]
+    )
+
+
+def test_alice_answers_parities_of_any_range_inside_a_block() -> None:
+    """Parities of random sub-ranges, against the key gathered in each pass's order."""
+    rng = np.random.default_rng(22)
+    lengths = [1000, 77, 0, 513, 2]
+    keys = [random_bits(rng, n) for n in lengths]
+    key = np.concatenate(keys)
+    frames = np.concatenate([[0], np.cumsum(lengths)])
+    sizes = (16, 100, 1000, 1000)  # identity, shuffled, then two halves passes
+    alice, seed = _started_alice(keys, sizes)
+    plan = alice._plan
+    assert plan is not None
+    assert list(plan.kinds) == [kern.IDENTITY, kern.SHUFFLED, kern.HALVES, kern.HALVES]
+    orders = [
+        np.arange(key.size),
+        plan.shuffled(1, np.empty(key.size, np.int32)),
+        _halves_order(key.size, frames, seed, 2),
+        _halves_order(key.size, frames, seed, 3),
+    ]
+    for q, order in enumerate(orders):
+        assert np.array_equal(np.sort(order), np.arange(key.size))  # a permutation
+        starts = plan.starts_list[q]
+        nonempty = np.flatnonzero(np.diff(starts) > 0)
+        b = rng.choice(nonempty, 300)
+        lo = starts[b] + (rng.random(300) * np.diff(starts)[b]).astype(np.int64)
+        hi = lo + 1 + (rng.random(300) * (starts[b + 1] - lo)).astype(np.int64)
+        hi = np.minimum(hi, starts[b + 1])
+        lo[:5], hi[:5] = starts[b[:5]], starts[b[:5] + 1]  # whole blocks too
+        expected = [int(np.bitwise_xor.reduce(key[order[a:e]]))
+                    for a, e in zip(lo, hi, strict=True)]
+        assert list(_ask(alice, np.full(300, q), lo, hi)) == expected
+
+
+def test_alice_rejects_malformed_queries() -> None:
+    rng = np.random.default_rng(23)
+    alice, _ = _started_alice([random_bits(rng, 1000)], (16, 600))
+    plan = alice._plan
+    assert plan is not None
+    half = int(plan.starts_list[1][1])  # the mask-1 half starts here
+    with pytest.raises(ProtocolError, match="not inside one half"):
+        _ask(alice, np.array([1]), np.array([half - 3]), np.array([half + 3]))
+    with pytest.raises(ProtocolError, match="outside the key or the agreed passes"):
+        _ask(alice, np.array([2]), np.array([0]), np.array([5]))
+    with pytest.raises(ProtocolError, match="outside the key or the agreed passes"):
+        _ask(alice, np.array([0]), np.array([990]), np.array([1001]))
+    with pytest.raises(ProtocolError, match="outside the key or the agreed passes"):
+        _ask(alice, np.array([0]), np.array([7]), np.array([7]))
+    with pytest.raises(ProtocolError, match="uint32 or both uint64"):
+        alice.handle(Message("cascade/ask", **{"pass": np.zeros(1, np.uint8)},
+                             lo=np.zeros(1, np.int64), hi=np.ones(1, np.int64)))
+    fresh = CascadeAlice(random_bits(rng, 10), rng)
+    with pytest.raises(ProtocolError, match="before cascade/start"):
+        _ask(fresh, np.array([0]), np.array([0]), np.array([1]))
+
+
+def test_halves_pass_maps_indices_and_positions_both_ways() -> None:
+    """Bob's rank/select maps of a halves pass agree with the order built from the mask."""
+    rng = np.random.default_rng(24)
+    lengths = [700, 1, 333, 64]
+    keys = [random_bits(rng, n) for n in lengths]
+    frames = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(frames[-1])
+    alice, seed = _started_alice(keys, (8, 400))
+    plan = alice._plan
+    assert plan is not None
+    order = _halves_order(n, frames, seed, 1)
+    inv = np.empty(n, np.int64)
+    inv[order] = np.arange(n)
+    empty = np.zeros((0, n), np.int32)  # no shuffled pass: no order rows
+    for i in range(n):
+        f = int(np.searchsorted(frames, i, side="right") - 1)
+        args = (plan.kinds, plan.srow, empty, plan.hrow, plan.masks, plan.ones, plan.starts,
+                plan.soff, plan.frames)
+        p = kern._to_position(1, i, f, *args)
+        assert p == inv[i]
+        assert kern._to_index(1, p, f, *args) == i
+
+
+def test_packed_parity_of_any_range() -> None:
+    rng = np.random.default_rng(25)
+    bits = random_bits(rng, 1000)
+    padded = np.concatenate([bits, np.zeros(88, np.uint8)])  # 17 whole words
+    words = np.packbits(padded, bitorder="little").view("<u8").astype(np.uint64)
+    for lo, hi in [(0, 0), (0, 1), (63, 65), (64, 128), (5, 999), (0, 1000), (128, 130)]:
+        assert kern._parity(words, lo, hi) == int(np.bitwise_xor.reduce(bits[lo:hi]))
+    for _ in range(300):
+        lo, hi = np.sort(rng.integers(0, 1001, 2))
+        assert kern._parity(words, lo, hi) == int(np.bitwise_xor.reduce(bits[lo:hi]))
+
+
+def test_sort_helper_sorts_a_prefix_in_place() -> None:
+    rng = np.random.default_rng(29)
+    for n in (0, 1, 63, 64, 2049, 30_000):
+        for top in (2, 2**11, 2**12, 2**40):
+            a = rng.integers(0, top, n + 3)
+            before = a.copy()
+            kern._sort(a, n)
+            assert np.array_equal(a[:n], np.sort(before[:n]))
+            assert np.array_equal(a[n:], before[n:])
+
+
+def test_error_free_frames_disclose_only_block_parities_among_noisy_frames() -> None:
+    """Frames are reconciled together but searched apart: a frame without errors
+    discloses just its top-level block parities (the last block of each later pass
+    implied), however many errors the other frames hold."""
+    rng = np.random.default_rng(26)
+    n, qber = 8000, 0.04
+    alice = [random_bits(rng, n) for _ in range(6)]
+    bob = [binary_symmetric_channel(a, qber, rng) if i % 2 else a.copy()
+           for i, a in enumerate(alice)]
+    params = CascadeParameters.for_qber(qber, n)
+    results, disclosed = reconcile_in_process(alice, bob, qber, rng, params)
+    assert disclosed == sum(r.disclosed_bits for r in results)
+    tops = sum(
+        (2 if 2 * k >= n else -(-n // k)) - (q > 0) for q, k in enumerate(params.block_sizes)
+    )
+    for i, (a, r) in enumerate(zip(alice, results, strict=True)):
+        assert np.array_equal(r.key, a)
+        if i % 2:
+            assert r.corrected_bits > 0
+            assert r.disclosed_bits > tops
+        else:
+            assert r.corrected_bits == 0
+            assert r.disclosed_bits == tops
+
+
+def test_halves_passes_locate_errors_left_by_small_blocks() -> None:
+    """With one pass of small blocks and then only random halves, the halves passes must
+    search (frame by frame, as their halves turn odd) and the keys still agree."""
+    alice, bob, rng = frames(4000, 0.01, count=5, seed=27)
+    params = CascadeParameters((16,) + (4000,) * 12)
+    results, _ = reconcile_in_process(alice, bob, 0.01, rng, params)
+    for a, b, r in zip(alice, bob, results, strict=True):
+        assert np.array_equal(r.key, a)
+        assert r.corrected_bits == int(np.count_nonzero(a != b))
+    passes = results[0].passes
+    assert all(p.blocks == 10 for p in passes[1:])  # two halves per frame
+    assert sum(p.corrections for p in passes[1:]) > 0
+    assert sum(p.search_parities for p in passes[1:]) > 0
+
+
+class _LyingAlice(CascadeAlice):
+    """Answers the binary-search queries of every third round with flipped parities."""
+
+    rounds = 0
+
+    def _answer(self, msg: Message) -> Message:
+        reply = super()._answer(msg)
+        self.rounds += 1
+        if self.rounds % 3 == 0 and self.rounds > 14:
+            reply.fields["parity"] = reply.get_array("parity", np.uint8) ^ np.uint8(0xFF)
+        return reply
+
+
+def test_inconsistent_parities_stop_bob_with_an_error() -> None:
+    """Bob cannot tell a lie from an error, but he must stop: wrong parities make him flip
+    bits back and forth without asking anything new, which he detects (more corrections
+    than key bits) instead of looping for ever."""
+    alice_keys, bob_keys, rng = frames(20_000, 0.03, count=2, seed=28)
+    a_raw, b_raw = InProcessChannel.pair(timeout=5)
+    liar = _LyingAlice(alice_keys, rng)
+    b_raw.idle_hook = lambda: liar.step(a_raw)
+    with pytest.raises(RuntimeError, match="more corrections than key bits"):
+        CascadeBob(bob_keys, 0.03).run(b_raw)
