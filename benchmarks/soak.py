@@ -83,15 +83,19 @@ class Sampler:
         self.clock = clock
         self.rows: list[dict[str, float]] = []
         self.started = time.perf_counter()
+        self._next_report = -math.inf
 
     def on_frame(self, stats: Any) -> None:
         from qkdlab.calibration.polarization import mean_qber
 
-        self.rows.append({"bench_s": float(self.clock()),
-                          "wall_s": time.perf_counter() - self.started,
-                          "qber": mean_qber(stats), "rss_mb": rss_mb(),
-                          "fds": float(open_fds()), "threads": float(threading.active_count()),
-                          "lost": float(stats.lost_tags)})
+        row = {"bench_s": float(self.clock()), "wall_s": time.perf_counter() - self.started,
+               "qber": mean_qber(stats), "rss_mb": rss_mb(), "fds": float(open_fds()),
+               "threads": float(threading.active_count()), "lost": float(stats.lost_tags)}
+        self.rows.append(row)
+        if row["bench_s"] >= self._next_report:  # a line a minute: progress, and the
+            self._next_report = row["bench_s"] + 60.0  # figures if the run is cut short
+            print("soak " + json.dumps({k: round(v, 5) for k, v in row.items()}),
+                  file=sys.stderr, flush=True)
 
 
 def windows(rows: list[dict[str, float]], window_s: float) -> list[dict[str, float]]:
