@@ -320,6 +320,10 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
             open_station(station, seed=args.seed if args.mock else None,
                          bench_overrides=overrides) as loaded:
         roles = bb84_roles(loaded)
+        mu_record = calibration.records.get("mu")
+        if mu_record is not None and "attenuation_db" in mu_record.settings:
+            # the calibrated μ values hold at the attenuation the μ loop measured them at
+            roles.attenuation_db = float(mu_record.settings["attenuation_db"])
         live.run_started(station=str(station), mock=bool(args.mock), duration_s=duration,
                          bench_overrides=overrides)
         if live.publisher is not None:  # status panels of the GUI

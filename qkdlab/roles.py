@@ -52,6 +52,7 @@ def bb84_roles(loaded: LoadedStation) -> Any:
     once per frame and ramped down by the safe state.
     """
     from qkdlab.drivers.roles import (
+        Attenuator,
         BB84Transmitter,
         Laser,
         SafeStateCapable,
@@ -96,7 +97,22 @@ def bb84_roles(loaded: LoadedStation) -> Any:
             isinstance(v, int | float) for v in laser_settings.values()):
         raise StationError(f"{loaded.file.path}: 'qkdlab: roles: laser_settings' must map "
                            "laser parameter names to numbers")
+    attenuator = instrument_for(loaded, "attenuator", required=False)
+    if attenuator is not None and not isinstance(attenuator, Attenuator):
+        raise StationError(f"{loaded.file.path}: {attenuator.name!r} "
+                           f"({type(attenuator).__name__}) cannot serve as attenuator: it is "
+                           "not an Attenuator")
+    attenuation = roles.get("attenuation_db")
+    if attenuation is not None and (isinstance(attenuation, bool) or
+                                    not isinstance(attenuation, int | float)):
+        raise StationError(f"{loaded.file.path}: 'qkdlab: roles: attenuation_db' must be a "
+                           f"number (dB), got {attenuation!r}")
+    if attenuation is not None and attenuator is None:
+        raise StationError(f"{loaded.file.path}: 'qkdlab: roles: attenuation_db' needs an "
+                           "'attenuator' role")
     return BB84Roles(transmitter=transmitter, tagger=tagger, laser=laser,
+                     attenuator=attenuator,
+                     attenuation_db=None if attenuation is None else float(attenuation),
                      detectors=DetectorMap(channels),
                      marker_channel=None if marker is None else int(marker), others=others,
                      detector_units={obj.name: obj for obj in spds},

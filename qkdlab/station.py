@@ -42,7 +42,8 @@ INSTRUMENT_KEYS = frozenset(
 )
 QKDLAB_KEYS = frozenset({"mock_bench", "roles", "description", "bb84", "calibration"})
 # roles that are not instrument names
-ROLE_SETTINGS = frozenset({"detectors", "laser_settings", "marker_channel"})
+ROLE_SETTINGS = frozenset({"detectors", "laser_settings", "marker_channel",
+                           "attenuation_db"})
 _SI_PREFIX = {"p": 1e-12, "n": 1e-9, "u": 1e-6, "µ": 1e-6, "μ": 1e-6, "m": 1e-3, "": 1.0,
               "k": 1e3, "M": 1e6, "G": 1e9}
 _SI_UNITS = ("Hz", "A", "V", "W", "s", "m")
@@ -335,6 +336,11 @@ def _check_qkdlab_section(station: StationFile) -> None:
                         f"'qkdlab: roles: detectors': channel {channel!r} must be an integer "
                         f"mapped to [basis, bit], each 0 or 1 (basis 0 = Z, 1 = X), "
                         f"got {pair!r}")
+        elif role == "attenuation_db":
+            if value is not None and not is_number(value):
+                raise StationError(f"{where}: 'qkdlab: roles: attenuation_db' must be a "
+                                   f"number (dB), got {_kind(value)} {value!r}"
+                                   f"{unit_hint(value, 'attenuation_db')}")
         elif role == "marker_channel":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise StationError(f"{where}: 'qkdlab: roles: marker_channel' must be a "

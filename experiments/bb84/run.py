@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from qkdlab.drivers.roles import (
+    Attenuator,
     BB84Transmitter,
     Laser,
     SafeStateCapable,
@@ -89,6 +90,12 @@ class BB84Roles:
     detector_units: Mapping[str, SinglePhotonDetector] = field(default_factory=dict)
     """Bob's detector instruments by name: enabled at run start, polled once per frame,
     ramped down by the safe state (the station's ``spd`` role)."""
+    attenuator: Attenuator | None = None
+    """Alice's variable attenuator: its safe state is its highest attenuation, so every
+    run sets :attr:`attenuation_db` again before the light goes on."""
+    attenuation_db: float | None = None
+    """The attenuation at which the settings' μ values hold (dB): the ``mu``
+    calibration record's, else the station's ``roles: attenuation_db``."""
 
     def safe_state(self) -> list[str]:
         """Every instrument to its safe state; the failures (never raises).
@@ -740,6 +747,11 @@ def start_alice(roles: BB84Roles, settings: BB84Settings) -> None:
                                     p_signal=settings.p_signal, p_decoy=settings.p_decoy,
                                     frame_pulses=settings.frame_pulses,
                                     rep_rate_hz=settings.rep_rate_hz)
+    if roles.attenuator is not None and roles.attenuation_db is not None:
+        # the μ values of the settings hold at this attenuation only (a safe state left
+        # the attenuator at its highest setting)
+        with _fault(_name(roles.attenuator)):
+            roles.attenuator.set_attenuation_db(roles.attenuation_db)
     if roles.laser is not None:
         parameters = getattr(roles.laser, "parameters", {})
         for name in roles.laser_settings:

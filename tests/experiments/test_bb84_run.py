@@ -218,10 +218,18 @@ def test_demo_tours_the_bench_and_runs_bb84(tmp_path: Path,
 def test_a_second_run_on_the_same_bench_syncs_again(tmp_path: Path) -> None:
     # the transmitter keeps running between runs; each run restarts its pattern
     with mock_bench() as loaded:
+        bench = loaded.launcher.bench  # type: ignore[union-attr]
         first = run(loaded, tmp_path)
-        loaded.launcher.bench.acquire(0.5)  # type: ignore[union-attr]
+        assert bench.alice.attenuation_db == 20.0  # the safe state: VOA at its maximum
+        bench.acquire(0.5)
         second = run(loaded, tmp_path)
     assert first.status == second.status == "completed"
+    # the second run sends the μ its settings claim: the VOA is set again at its start
+    # (the gains agree within counting statistics; at 20 dB they were 8 dB lower)
+    for k in range(2):
+        g1, g2 = first.estimate.gains[k], second.estimate.gains[k]
+        n = min(first.totals.detected[k], second.totals.detected[k])
+        assert g2 == pytest.approx(g1, rel=5 / math.sqrt(n)), k
 
 
 def test_a_long_enough_run_ends_with_identical_secure_keys(tmp_path: Path) -> None:
