@@ -109,6 +109,8 @@ class MockLauncher:
         from qkdlab.mock_instruments.bench import Bench, config_from_mapping
 
         self.seed = seed
+        self.bench_overrides: dict[str, Any] = dict(bench_overrides or {})
+        """What the bench was built with (the station's ``mock_bench`` and any extras)."""
         self.bench = Bench(config_from_mapping(bench_overrides or {}), seed=seed)
         self.servers: dict[str, MockServer] = {}
         self.models: dict[str, str] = {}

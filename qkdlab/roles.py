@@ -103,6 +103,11 @@ def bb84_roles(loaded: LoadedStation) -> Any:
                            f"({type(attenuator).__name__}) cannot serve as attenuator: it is "
                            "not an Attenuator")
     attenuation = roles.get("attenuation_db")
+    if loaded.launcher is not None:
+        # a mock scenario that sets the bench's VOA (bench overrides) means that setting
+        voa = (loaded.launcher.bench_overrides.get("alice") or {}).get("attenuation_db")
+        if voa is not None:
+            attenuation = voa
     if attenuation is not None and (isinstance(attenuation, bool) or
                                     not isinstance(attenuation, int | float)):
         raise StationError(f"{loaded.file.path}: 'qkdlab: roles: attenuation_db' must be a "

@@ -67,14 +67,16 @@ OVERRIDES: dict[str, Any] = {
 
 
 def scenario_overrides() -> dict[str, Any]:
-    """μ_signal = 0.1 (VOA) and μ_decoy = μ_signal/2 (modulator drive) at 80 MHz."""
+    """μ_signal = 0.1 (VOA, to its 0.01 dB setpoint resolution) and μ_decoy = μ_signal/2
+    (modulator drive) at 80 MHz."""
     cfg = config_from_mapping(OVERRIDES)
     vis = modulator_visibility(cfg.alice.extinction_ratio_db)
     drive = list(cfg.alice.drive_v)
     drive[1] = math.acos((0.5 * (1 + vis) - 1) / vis) * cfg.alice.v_pi_v / math.pi
     mu_now = float(mean_photon_numbers(cfg.alice, 0.0)[0])
     alice = {**OVERRIDES["alice"], "drive_v": drive,
-             "attenuation_db": cfg.alice.attenuation_db + 10 * math.log10(mu_now / 0.1)}
+             "attenuation_db": round(cfg.alice.attenuation_db
+                                     + 10 * math.log10(mu_now / 0.1), 2)}
     return {**OVERRIDES, "alice": alice}
 
 
@@ -131,12 +133,17 @@ def mock_run(data_dir: Path, bench_seed: int = 13, seed: int = 21) -> Run:
     seen: list[BenchConfig] = []
     with open_station(DEFAULT_MOCK_STATION, seed=bench_seed, bench_overrides=over) as loaded:
         bench = loaded.launcher.bench  # type: ignore[union-attr]
+        # every run sets the VOA to the attenuation at which the settings' μ hold: on a
+        # mock station whose bench overrides set it, that one (not the station's)
         result = run_bb84(bb84_roles(loaded), settings, duration_s=DURATION_S,
                           data_dir=data_dir, progress=False,
                           on_frame=lambda _: seen.append(bench.config()))
     cfg = seen[0]  # while the light was on
     assert cfg.alice.laser_on
     assert len({c.alice for c in seen}) == 1
+    # the bench sent the μ the settings (and so the post-processing) claim
+    sent = mean_photon_numbers(cfg.alice, cfg.alice.im_phase_rad)
+    assert sent.tolist() == pytest.approx(list(mus), rel=1e-9)
     assert result.key is not None, result.summary()
     assert result.key.alice.finite is not None, result.summary()
     tot = result.totals
