@@ -1,10 +1,18 @@
 """BB84 tag processing throughput: sync assignment + Alice's record + sifting, one core.
 
-Tags come from the bench model (1 GHz source, 25 km, the mock station's detectors);
-the timing solution is found once, outside the timed part, as in a running
-acquisition.  Baseline in the same run: the same steps written the obvious way (numpy
-assignment per channel, then a Python dict grouping the clicks of each pulse), on
-one frame.
+Tags come from the bench model (1 GHz source, 25 km, the mock station's detectors) in
+0.2 s frames; ``FrameProcessor.feed`` does per frame what a running acquisition does:
+assignment with the folded histogram and per-channel counts, Alice's record, sifting
+with multi-click squashing, the sifted records kept, the clock model refitted.  The
+timing solution is found (and every compiled kernel loaded or compiled) on the first
+frame, outside the timed part.  CPU time (``time.process_time``) over the other
+frames; the best of ``REPEATS`` passes, each with a fresh processor.  Baseline in the
+same run: the same steps written the obvious way (numpy assignment per channel, then
+a Python dict grouping the clicks of each pulse), on one frame.
+
+A second figure, without baseline: a fast link (SNSPDs at 0 km, ~22 M tags/s) in
+50 ms frames of ~1.1 M tags, where the fixed cost per frame (the clock refit) weighs
+less per tag.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from qkdlab.experiments.bb84.processing import BB84Settings, FrameProcessor
-from qkdlab.experiments.bb84.sync import DetectorMap
+from qkdlab.experiments.bb84.sync import AssignBuffers, DetectorMap, sort_rows
 from qkdlab.mock_instruments.bench import Bench, config_from_mapping
 from qkdlab.patterns import bb84_symbols
 from qkdlab.tags import TagBlock
@@ -23,17 +31,23 @@ from qkdlab.tags import TagBlock
 DETECTORS = DetectorMap({1: (0, 0), 2: (0, 1), 3: (1, 0), 4: (1, 1)})
 
 
-def _bench_blocks(seconds: float, frame_s: float) -> tuple[list[TagBlock], BB84Settings]:
+INGAAS = {"efficiency": 0.2, "dead_time_s": 50e-9}  # the mock station's detectors
+SNSPD = {"efficiency": 0.8, "dead_time_s": 10e-9}
+
+
+def _bench_blocks(seconds: float, frame_s: float, detectors: dict[str, float] = INGAAS,
+                  **channel: float) -> tuple[list[TagBlock], BB84Settings]:
     settings = BB84Settings(rep_rate_hz=1e9, p_z=0.8, seed=5, use_sync_channel=False)
     bench = Bench(config_from_mapping({
         "alice": {"rep_rate_hz": 1e9, "pattern": {"p_z": 0.8, "seed": 5}},
-        "bob": {"z_fraction": 0.8, "detectors": {"efficiency": 0.2, "dead_time_s": 50e-9}},
+        "bob": {"z_fraction": 0.8, "detectors": detectors},
         "tagger": {"max_rate_hz": 1e12, "buffer_tags": 2**30},
+        **({"channel": channel} if channel else {}),
     }), seed=3)
     blocks = []
     for _ in range(round(seconds / frame_s)):
         tags = bench.acquire(frame_s)
-        blocks.append(TagBlock(**tags.tag_block_fields()))  # type: ignore[arg-type]
+        blocks.append(TagBlock(**tags.tag_block_fields()))
     return blocks, settings
 
 
@@ -74,32 +88,60 @@ def _baseline(block: TagBlock, processor: FrameProcessor, record: Any) -> int:
     return errors
 
 
+REPEATS = 3
+
+
+def _timed_pass(blocks: list[TagBlock], settings: BB84Settings, record: Any) -> float:
+    """CPU seconds to feed ``blocks[1:]`` to a processor synchronised on ``blocks[0]``."""
+    processor = FrameProcessor(settings, DETECTORS, record)
+    processor.feed(blocks[0])
+    processor.flush()
+    if processor.solution is None or processor.record_is_pattern is not True:
+        raise RuntimeError("the first frame did not synchronise and recognise the pattern")
+    start = time.process_time()
+    for block in blocks[1:]:
+        processor.feed(block)
+    return time.process_time() - start
+
+
+def _throughput(blocks: list[TagBlock], settings: BB84Settings) -> tuple[float, int]:
+    """Best tags/s (CPU time) of REPEATS passes over ``blocks[1:]``; tags timed."""
+    record = _record(settings)
+    n_tags = sum(len(b) for b in blocks[1:])
+    return n_tags / min(_timed_pass(blocks, settings, record) for _ in range(REPEATS)), n_tags
+
+
 def run() -> list[dict[str, Any]]:
+    # load (or compile) the kernel that only frames out of pulse order need
+    sort_rows(np.array([2, 1], np.int64), np.zeros(2, np.int8), AssignBuffers())
     frame_s = 0.2  # the ID1000's record length
     blocks, settings = _bench_blocks(2.0, frame_s)
+    ours, n_tags = _throughput(blocks, settings)
     record = _record(settings)
     processor = FrameProcessor(settings, DETECTORS, record)
     processor.feed(blocks[0])
     processor.flush()
-    timed = blocks[1:]
-    n_tags = sum(len(b) for b in timed)
+    sample = blocks[1]
     start = time.process_time()
-    for block in timed:
-        processor.feed(block)
-    ours = n_tags / (time.process_time() - start)
-    sample = timed[:1]
-    n_sample = sum(len(b) for b in sample)
-    start = time.process_time()
-    for block in sample:
-        _baseline(block, processor, record)
-    base = n_sample / (time.process_time() - start)
+    _baseline(sample, processor, record)
+    base = len(sample) / (time.process_time() - start)
+    # a fast link: SNSPDs at 0 km, ~22 M tags/s into the tagger, 50 ms frames
+    fast_blocks, fast_settings = _bench_blocks(0.3, 0.05, SNSPD, length_km=0.0)
+    fast, n_fast = _throughput(fast_blocks, fast_settings)
     rows = [
         {"name": "bb84 tag processing (assign+record+sift), 1 GHz 25 km",
          "value": ours, "unit": "tags/s", "baseline": base, "ratio": ours / base},
-        {"name": "bb84 tags in the timed stretch", "value": float(n_tags), "unit": "tags"},
+        {"name": "bb84 tags per 0.2 s frame, 25 km", "value": n_tags / (len(blocks) - 1),
+         "unit": "tags"},
+        {"name": "bb84 tag processing, 1 GHz 0 km SNSPD, 50 ms frames", "value": fast,
+         "unit": "tags/s"},
+        {"name": "bb84 tags per 50 ms frame, 0 km SNSPD",
+         "value": n_fast / (len(fast_blocks) - 1), "unit": "tags"},
     ]
     for row in rows:
-        print(f"{row['name']:<58} {row['value']:>14,.0f} {row['unit']}")
+        extra = (f"   baseline {row['baseline']:,.0f}, ratio {row['ratio']:.1f}"
+                 if "ratio" in row else "")
+        print(f"{row['name']:<58} {row['value']:>14,.0f} {row['unit']}{extra}")
     return rows
 
 

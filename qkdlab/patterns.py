@@ -88,15 +88,34 @@ def intensity_from_words(h: U64Array, p_signal: float, p_decoy: float) -> I8Arra
     return k
 
 
+def basis_threshold31(p_z: float) -> np.uint64:
+    """``p_z`` scaled to the 31-bit threshold of the basis bits."""
+    return np.uint64(round(p_z * 2.0**31))
+
+
 def basis_from_words(h: U64Array, p_z: float) -> I8Array:
     """Basis (0 = Z with probability ``p_z``, 1 = X) from bits 31…1 of ``h``."""
     mid = (h & LOW32) >> ONE
-    return (mid >= np.uint64(round(p_z * 2.0**31))).view(np.int8)
+    return (mid >= basis_threshold31(p_z)).view(np.int8)
 
 
 def bit_from_words(h: U64Array) -> I8Array:
     """Bit value from bit 0 of ``h``."""
     return (h & ONE).astype(np.int8)
+
+
+def symbol_constants(seed: int, p_z: float = 0.5, p_signal: float = 0.7,
+                     p_decoy: float = 0.2) -> npt.NDArray[np.uint64]:
+    """What a compiled look-up needs to reproduce :func:`bb84_symbols` for one pattern.
+
+    Returns ``uint64[4]``: the stream key of the symbol counter, the basis threshold
+    (:func:`basis_threshold31`) and the two intensity thresholds (:func:`threshold32` of
+    ``p_signal`` and ``p_signal + p_decoy``).  Word ``h`` of pulse ``i`` is
+    ``mix(key + (i + 1)·γ)``; basis = ``((h & 0xFFFFFFFF) >> 1) >= t_z``, bit = ``h & 1``,
+    intensity = ``(h >> 32 >= t_s) + (h >> 32 >= t_sd)``.
+    """
+    return np.array([stream_key(seed, SALT_SYMBOLS), basis_threshold31(p_z),
+                     threshold32(p_signal), threshold32(p_signal + p_decoy)], dtype=np.uint64)
 
 
 def bb84_symbols(

@@ -17,15 +17,24 @@ import numpy as np
 import numpy.typing as npt
 
 from qkdlab.experiments.bb84.sync import (
+    AssignBuffers,
     DetectorMap,
     SyncError,
     SyncSolution,
-    assign,
-    refine,
+    assign_frame,
+    refine_rows,
+    sort_rows,
     synchronise,
 )
+from qkdlab.patterns import bb84_symbols, symbol_constants
 from qkdlab.protocol.keyrate import DecoyBounds, gllp_rate, three_intensity_decoy_bounds
-from qkdlab.protocol.sifting import N_INTENSITIES, sift
+from qkdlab.protocol.sifting import (
+    N_INTENSITIES,
+    SiftedStore,
+    SiftResult,
+    sift,
+    sift_pattern,
+)
 from qkdlab.tags import TagBlock
 
 RecordFn = Callable[[npt.NDArray[np.int64]], tuple[npt.NDArray[np.int8], ...]]
@@ -210,6 +219,9 @@ class RunTotals:
 
 
 HISTOGRAM_BINS = 100
+PATTERN_PROBE_ROWS = 1024
+"""Detections on which Alice's record must agree with the settings' pattern before the
+pattern is computed inside the sifting pass instead of looked up."""
 
 
 class FrameProcessor:
@@ -218,10 +230,19 @@ class FrameProcessor:
     Blocks are buffered until ``settings.sync_detections`` detections allow the
     timing to be found, then every buffered and later block is processed in order.
     Drift is tracked frame by frame.
+
+    Per frame: one compiled pass assigns the tags to pulses (with the folded histogram
+    and the per-channel counts), one sifts them.  Alice's record is looked up through
+    ``record`` until a frame shows that it is the settings' pseudo-random pattern (the
+    same symbols at ``PATTERN_PROBE_ROWS`` or more detected pulses, as on the mock bench
+    and for ``qkdlab reprocess``); from then on the sifting pass computes each pulse's
+    symbol itself (``pattern_lookup=False`` keeps the look-up).  Either way the results
+    are the same.
     """
 
     def __init__(self, settings: BB84Settings, detectors: DetectorMap, record: RecordFn,
-                 marker_channel: int | None = None, max_buffered_blocks: int = 64) -> None:
+                 marker_channel: int | None = None, max_buffered_blocks: int = 64,
+                 pattern_lookup: bool = True) -> None:
         self.settings = settings
         self.detectors = detectors
         self.record = record
@@ -233,6 +254,15 @@ class FrameProcessor:
         self._pending_detections = 0
         self._frame = 0
         self._det_channels = np.asarray(detectors.channel_list, dtype=np.int16)
+        chans = detectors.channel_list
+        self._det_basis = np.array([detectors.channels[ch][0] for ch in chans], np.int8)
+        self._det_bit = np.array([detectors.channels[ch][1] for ch in chans], np.int8)
+        self._pattern = symbol_constants(settings.seed, settings.p_z, settings.p_signal,
+                                         settings.p_decoy)
+        # None: not yet known whether ``record`` is the settings' pattern
+        self.record_is_pattern: bool | None = None if pattern_lookup else False
+        self._buffers = AssignBuffers()
+        self._store = SiftedStore()
 
     def feed(self, block: TagBlock) -> list[FrameStats]:
         """Process one block; the frames completed by it (none while not yet synced)."""
@@ -270,41 +300,54 @@ class FrameProcessor:
         if self.solution is None:  # pragma: no cover - guarded by feed()
             raise SyncError("not synchronised")
         s = self.settings
-        result = assign(block.time_ps, block.channel, self.solution, self.detectors,
-                        s.acceptance_ps, histogram_bins=HISTOGRAM_BINS)
-        started = result.pulse_index >= 0
-        pulse_index = result.pulse_index[started]
-        detector = result.detector[started]
-        basis, bit, intensity = self.record(pulse_index)[:3]
-        rng = np.random.default_rng([s.seed, self._frame])
-        det_basis = [self.detectors.channels[ch][0] for ch in self.detectors.channel_list]
-        det_bit = [self.detectors.channels[ch][1] for ch in self.detectors.channel_list]
-        sifted = sift(pulse_index, detector, basis, bit, intensity, det_basis, det_bit, rng)
+        sol = self.solution
+        result = assign_frame(block.time_ps, block.channel, sol, self.detectors,
+                              s.acceptance_ps, HISTOGRAM_BINS, self._buffers)
+        pulse_index, detector = result.pulse_index, result.detector
+        if result.before_start:
+            started = pulse_index >= 0
+            pulse_index, detector = pulse_index[started], detector[started]
+        if not result.in_pulse_order:
+            pulse_index, detector = sort_rows(pulse_index, detector, self._buffers)
+        sifted = self._sift(pulse_index, detector, np.random.default_rng([s.seed, self._frame]))
         self.totals.sifted_pulse.append(sifted.pulse_index)
         self.totals.sifted_basis.append(sifted.basis)
         self.totals.sifted_intensity.append(sifted.intensity)
         self.totals.sifted_alice.append(sifted.alice_bit)
         self.totals.sifted_bob.append(sifted.bob_bit)
-        sol = self.solution
-        pulses = self._pulses_in(block, sol)
-        present = np.bincount(block.channel[block.channel >= 0].astype(np.int64))
-        counts = {int(c): int(n) for c, n in enumerate(present) if n}
         stats = FrameStats(
-            frame=self._frame, start_ps=block.start_ps, stop_ps=block.stop_ps, pulses=pulses,
-            counts=counts, detected=[int(x) for x in sifted.detected[:N_INTENSITIES]],
+            frame=self._frame, start_ps=block.start_ps, stop_ps=block.stop_ps,
+            pulses=self._pulses_in(block, sol), counts=result.channel_counts,
+            detected=[int(x) for x in sifted.detected[:N_INTENSITIES]],
             sifted=sifted.sifted.tolist(), errors=sifted.errors.tolist(),
-            unassigned=result.unassigned, before_start=int((~started).sum()),
+            unassigned=result.unassigned, before_start=result.before_start,
             overflow=block.overflow, lost_tags=block.lost_tags,
             sync_period_ps=sol.period_ps, sync_origin_ps=sol.origin_ps,
-            sync_drift_ppm=sol.drift_ppm,
-            histogram=[] if result.histogram is None else result.histogram.tolist(),
+            sync_drift_ppm=sol.drift_ppm, histogram=result.histogram.tolist(),
         )
         self.totals.add(stats)
         self._frame += 1
         # follow the clock: refit period/origin and channel delays on this frame
         if result.pulse_index.size >= 200:
-            self.solution = refine(sol, result, self.detectors)
+            self.solution = refine_rows(sol, result.pulse_index, result.detector,
+                                        result.residual_ps, self.detectors)
         return stats
+
+    def _sift(self, pulse_index: npt.NDArray[np.int64], detector: npt.NDArray[np.int8],
+              rng: np.random.Generator) -> SiftResult:
+        """Sift one frame's started detections (sorted by pulse)."""
+        if self.record_is_pattern:
+            return sift_pattern(pulse_index, detector, self._pattern, self._det_basis,
+                                self._det_bit, rng, self._store)
+        basis, bit, intensity = self.record(pulse_index)[:3]
+        if self.record_is_pattern is None and pulse_index.size >= PATTERN_PROBE_ROWS:
+            s = self.settings
+            mine = bb84_symbols(s.seed, pulse_index, s.p_z, s.p_signal, s.p_decoy)
+            self.record_is_pattern = all(
+                np.array_equal(a, b) for a, b in zip(mine, (basis, bit, intensity),
+                                                      strict=True))
+        return sift(pulse_index, detector, basis, bit, intensity, self._det_basis,
+                    self._det_bit, rng)
 
     @staticmethod
     def _pulses_in(block: TagBlock, sol: SyncSolution) -> int:

@@ -22,6 +22,8 @@ Times are int64 ps; periods and phases are float64 ps.  Everything is vectorised
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -339,29 +341,138 @@ def synchronise(
 def refine(solution: SyncSolution, assignment: Assignment,
            detectors: DetectorMap) -> SyncSolution:
     """Least-squares period and origin, then per-channel delays, from assigned detections."""
-    tracked = track(solution, assignment)
+    return refine_rows(solution, assignment.pulse_index, assignment.detector,
+                       assignment.residual_ps, detectors)
+
+
+def refine_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
+                detector: npt.NDArray[np.int8], residual_ps: npt.NDArray[np.float64],
+                detectors: DetectorMap) -> SyncSolution:
+    """:func:`refine` on the arrays of an assignment (pulse, detector, residual per row).
+
+    At most ~80 000 evenly spread rows enter the per-channel delay estimates (each
+    channel's shift: the mean of its core residuals, see :func:`_median_and_limit`, or
+    the median if the core is empty), at most 20 000 the period/origin fit
+    (:func:`track`), so the cost does not grow with the count rate.  Medians are exact
+    (bucket selection, :func:`_ranked_pair`) and the fit is ``np.polyfit``'s arithmetic
+    (:func:`_line_fit`): the same numbers as the plain numpy formulation.
+    """
+    tracked = track_rows(solution, pulse_index, residual_ps)
     delays = dict(tracked.channel_delay_ps)
     ref_shift = 0.0
-    stride = max(1, assignment.detector.size // 80_000)
-    det = assignment.detector[::stride]
-    res = assignment.residual_ps[::stride]
-    for i, ch in enumerate(detectors.channel_list):
-        r = res[det == i]
-        if r.size < 20:
+    chans = detectors.channel_list
+    stride = max(1, detector.size // 80_000)
+    sizes, medians, n_core, core = _robust_centre_parts(detector, residual_ps, stride,
+                                                        len(chans), solution.period_ps / 2)
+    start = 0
+    for i, ch in enumerate(chans):
+        if sizes[i] < 20:
             continue
-        shift = _robust_centre(r)
+        # the mean of the core (numpy's pairwise sum), else the median
+        shift = float(np.mean(core[start:start + n_core[i]])) if n_core[i] else medians[i]
+        start += n_core[i]
         if i == 0:
             ref_shift = shift
         delays[ch] = solution.channel_delay_ps[ch] + shift - ref_shift
     return replace(tracked, channel_delay_ps=delays)
 
 
-def _robust_centre(r: npt.NDArray[np.float64]) -> float:
-    """Mean of the central part of a residual distribution (ignores flat background)."""
-    med = float(np.median(r))
-    mad = 1.4826 * float(np.median(np.abs(r - med))) or 1.0
-    core = np.abs(r - med) < 3 * mad
-    return float(np.mean(r[core])) if core.any() else med
+@njit(cache=True)
+def _ranked_pair(v: npt.NDArray[np.float64], k: int, centre: float, deviation: bool,
+                 lo: float, hi: float) -> tuple[float, float]:
+    """The k-th and (k+1)-th smallest (0-based; the second clipped to the last) of
+    ``v``, or of ``|v − centre|`` with ``deviation``.
+
+    Exact, in two passes: values are counted into equal-width buckets over [lo, hi]
+    (outliers in the end buckets: a monotonic map, so bucket order is value order), and
+    only the bucket(s) holding the two ranks are sorted.  ``lo``/``hi`` only steer the
+    speed.
+    """
+    n = v.size
+    k2 = min(k + 1, n - 1)
+    n_buckets = max(16, min(4096, n // 8))
+    scale = n_buckets / (hi - lo) if hi > lo else 0.0
+    if not (0.0 < scale < np.inf):
+        scale = 0.0  # one bucket: a plain sort
+    top = float(n_buckets - 1)
+    counts = np.zeros(n_buckets, np.int64)
+    for x in v:
+        y = abs(x - centre) if deviation else x
+        counts[int(min(max((y - lo) * scale, 0.0), top))] += 1
+    below = 0
+    first = 0
+    while below + counts[first] <= k:
+        below += counts[first]
+        first += 1
+    last = first
+    upto = below + counts[first]
+    while upto <= k2:
+        last += 1
+        upto += counts[last]
+    sel = np.empty(upto - below)
+    m = 0
+    for x in v:
+        y = abs(x - centre) if deviation else x
+        b = int(min(max((y - lo) * scale, 0.0), top))
+        if first <= b <= last:
+            sel[m] = y
+            m += 1
+    sel.sort()
+    return sel[k - below], sel[k2 - below]
+
+
+@njit(cache=True)
+def _median_of(v: npt.NDArray[np.float64], centre: float, deviation: bool, lo: float,
+               hi: float) -> float:
+    """``np.median(v)`` (or of ``|v − centre|``) for a non-empty array without NaN, to
+    the bit: the middle value, or the two middle values' sum halved."""
+    a, b = _ranked_pair(v, (v.size - 1) >> 1, centre, deviation, lo, hi)
+    return a if v.size & 1 else (a + b) / 2
+
+
+@njit(cache=True)
+def _median_and_limit(r: npt.NDArray[np.float64], half_period: float) -> tuple[float, float]:
+    """Median of residuals ``r`` (mostly within ±half_period) and 3 robust σ
+    (1.4826·MAD, 1 if that is 0): residuals closer to the median than that are the
+    core, the rest (dark counts, afterpulses spread over the window) ignored."""
+    med = _median_of(r, 0.0, False, -half_period, half_period)
+    mad = 1.4826 * _median_of(r, med, True, 0.0, half_period + abs(med))
+    if mad == 0.0:
+        mad = 1.0
+    return med, 3 * mad
+
+
+@njit(cache=True)
+def _robust_centre_parts(det: npt.NDArray[np.int8], residual: npt.NDArray[np.float64],
+                         stride: int, n_det: int, half_period: float) -> tuple[Any, ...]:
+    """Per detector, over every ``stride``-th row: row count, median and core residuals
+    (within 3 robust σ of the median, in row order).
+
+    The cores of the detectors with at least 20 rows follow one another in ``core``.
+    """
+    room = (det.size + stride - 1) // stride
+    grouped = np.empty((n_det, room))
+    sizes = np.zeros(n_det, np.int64)
+    for j in range(0, det.size, stride):
+        d = det[j]
+        grouped[d, sizes[d]] = residual[j]
+        sizes[d] += 1
+    medians = np.zeros(n_det)
+    n_core = np.zeros(n_det, np.int64)
+    core = np.empty(room)
+    out = 0
+    for d in range(n_det):
+        if sizes[d] < 20:
+            continue
+        r = grouped[d, :sizes[d]]
+        med, limit = _median_and_limit(r, half_period)
+        medians[d] = med
+        for x in r:
+            if abs(x - med) < limit:
+                core[out] = x
+                out += 1
+                n_core[d] += 1
+    return sizes, medians, n_core, core
 
 
 # -- assignment and tracking -------------------------------------------------------------
@@ -384,6 +495,17 @@ class Assignment:
     histogram: npt.NDArray[np.int64] | None = None
 
 
+def _detector_tuples(solution: SyncSolution, detectors: DetectorMap
+                     ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Detector channels (in detector-number order) and their delays (ps), as tuples:
+    the assignment kernel is compiled for the detector count."""
+    chans = detectors.channel_list
+    if chans[0] < 0:
+        raise ValueError(f"detector channels must be >= 0, got {chans}")
+    return (tuple(int(c) for c in chans),
+            tuple(float(solution.channel_delay_ps.get(c, 0.0)) for c in chans))
+
+
 def assign(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
            solution: SyncSolution, detectors: DetectorMap, window_ps: float,
            histogram_bins: int = 0) -> Assignment:
@@ -392,57 +514,248 @@ def assign(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
     With ``histogram_bins`` > 0 the same pass also folds every detector tag on the
     period (``Assignment.histogram``: detectors × bins over [−T/2, T/2)).
     """
-    chans = detectors.channel_list
-    size = max(int(max(chans)) + 1, 1)
-    lut_delay = np.zeros(size)
-    lut_det = np.full(size, -1, dtype=np.int8)
-    for i, ch in enumerate(chans):
-        lut_delay[ch] = solution.channel_delay_ps.get(ch, 0.0)
-        lut_det[ch] = i
-    base = round(solution.origin_ps)
-    pulse, det, residual, kept, hist, unassigned = _assign_kernel(
-        time_ps, channel.astype(np.int64), lut_delay, lut_det, base,
-        solution.origin_ps - base, solution.period_ps, window_ps / 2, len(chans),
-        histogram_bins)
-    return Assignment(pulse_index=pulse, detector=det, residual_ps=residual, time_ps=kept,
-                      unassigned=int(unassigned), histogram=hist)
-
-
-@njit(cache=True)
-def _assign_kernel(t: npt.NDArray[np.int64], ch: npt.NDArray[np.int64],
-                   lut_delay: npt.NDArray[np.float64], lut_det: npt.NDArray[np.int8],
-                   base: int, frac: float, period: float, half_window: float,
-                   n_det: int, bins: int) -> tuple[Any, ...]:
-    """One pass: nearest pulse, residual, window test and folded histogram per tag."""
-    n = t.size
+    det_ch, det_delay = _detector_tuples(solution, detectors)
+    n = time_ps.size
     pulse = np.empty(n, np.int64)
     det = np.empty(n, np.int8)
     residual = np.empty(n, np.float64)
     kept = np.empty(n, np.int64)
-    hist = np.zeros((n_det, max(bins, 1)), np.int64)
+    hist = np.zeros((len(det_ch), max(histogram_bins, 1)), np.int64)
+    base = round(solution.origin_ps)
+    k, unassigned, _, _, _ = _assign_kernel(
+        time_ps, channel, det_ch, det_delay, base, solution.origin_ps - base,
+        solution.period_ps, window_ps / 2, histogram_bins, pulse, det, residual, kept, hist,
+        np.zeros(0, np.int64))
+    return Assignment(pulse_index=pulse[:k], detector=det[:k], residual_ps=residual[:k],
+                      time_ps=kept[:k], unassigned=int(unassigned),
+                      histogram=hist if histogram_bins > 0 else None)
+
+
+class AssignBuffers:
+    """Output buffers reused frame after frame by :func:`assign_frame`.
+
+    Fresh arrays the size of a frame cost a page fault per 4 KiB on first touch; these
+    grow when a larger frame comes and are otherwise written in place.
+    """
+
+    def __init__(self) -> None:
+        self.pulse = np.empty(0, np.int64)
+        self.det = np.empty(0, np.int8)
+        self.residual = np.empty(0, np.float64)
+        self.counts = np.zeros(int(np.iinfo(np.int16).max) + 1, np.int64)
+        self.sorted_pulse = np.empty(0, np.int64)
+        self.sorted_det = np.empty(0, np.int8)
+
+    def reserve(self, n: int) -> None:
+        if self.pulse.size < n:
+            size = max(n, self.pulse.size + self.pulse.size // 4)
+            self.pulse = np.empty(size, np.int64)
+            self.det = np.empty(size, np.int8)
+            self.residual = np.empty(size, np.float64)
+            self.sorted_pulse = np.empty(size, np.int64)
+            self.sorted_det = np.empty(size, np.int8)
+
+
+def sort_rows(pulse_index: npt.NDArray[np.int64], detector: npt.NDArray[np.int8],
+              buffers: AssignBuffers
+              ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int8]]:
+    """Rows ordered by pulse, ties in their original order (a stable sort).
+
+    Tags arrive in time order, so rows are out of pulse order only where channel delays
+    swap neighbouring pulses: an insertion sort restores that in one pass (into
+    ``buffers``, valid until their next use); a badly shuffled input falls back to a
+    merge sort.
+    """
+    n = pulse_index.size
+    buffers.reserve(n)
+    out_pulse, out_det = buffers.sorted_pulse[:n], buffers.sorted_det[:n]
+    if _insertion_sort(pulse_index, detector, out_pulse, out_det, 8 * n + 64):
+        return out_pulse, out_det
+    order = np.argsort(pulse_index, kind="stable")
+    return pulse_index[order], detector[order]
+
+
+@njit(cache=True)
+def _insertion_sort(pulse: npt.NDArray[np.int64], det: npt.NDArray[np.int8],
+                    out_pulse: npt.NDArray[np.int64], out_det: npt.NDArray[np.int8],
+                    max_moves: int) -> bool:
+    """Stable insertion sort of (pulse, det) rows by pulse into ``out_*``; False (and
+    ``out_*`` unusable) once more than ``max_moves`` rows had to move."""
+    moves = 0
+    for i in range(pulse.size):
+        p = pulse[i]
+        d = det[i]
+        j = i
+        while j > 0 and out_pulse[j - 1] > p:
+            out_pulse[j] = out_pulse[j - 1]
+            out_det[j] = out_det[j - 1]
+            j -= 1
+        moves += i - j
+        if moves > max_moves:
+            return False
+        out_pulse[j] = p
+        out_det[j] = d
+    return True
+
+
+@dataclass(frozen=True)
+class FrameAssignment:
+    """One frame's tags mapped to pulses (arrays are views into reused buffers).
+
+    Attributes:
+        pulse_index, detector, residual_ps: per assigned detection, in tag order.
+        unassigned: detector tags outside the acceptance window.
+        before_start: assigned detections of pulses before pulse 0 (index < 0).
+        in_pulse_order: the pulse indices never decrease.
+        histogram: detectors × bins, every detector tag folded on the period.
+        channel_counts: tags per channel (every channel >= 0 present in the block).
+    """
+
+    pulse_index: npt.NDArray[np.int64]
+    detector: npt.NDArray[np.int8]
+    residual_ps: npt.NDArray[np.float64]
+    unassigned: int
+    before_start: int
+    in_pulse_order: bool
+    histogram: npt.NDArray[np.int64]
+    channel_counts: dict[int, int]
+
+
+def assign_frame(time_ps: npt.NDArray[np.int64], channel: npt.NDArray[np.int16],
+                 solution: SyncSolution, detectors: DetectorMap, window_ps: float,
+                 histogram_bins: int, buffers: AssignBuffers) -> FrameAssignment:
+    """:func:`assign` for the frame loop: the same pass also counts tags per channel.
+
+    The arrays returned are valid until the next call with the same ``buffers``.
+    """
+    if channel.dtype != np.int16:
+        raise TypeError(f"channel must be int16 (a TagBlock's), got {channel.dtype}")
+    if histogram_bins < 1:
+        raise ValueError(f"histogram_bins must be >= 1, got {histogram_bins}")
+    det_ch, det_delay = _detector_tuples(solution, detectors)
+    buffers.reserve(time_ps.size)
+    counts = buffers.counts  # all zero between calls
+    hist = np.zeros((len(det_ch), histogram_bins), np.int64)
+    base = round(solution.origin_ps)
+    k, unassigned, before, ordered, top = _assign_kernel(
+        time_ps, channel, det_ch, det_delay, base, solution.origin_ps - base,
+        solution.period_ps, window_ps / 2, histogram_bins, buffers.pulse, buffers.det,
+        buffers.residual, _NO_TIMES, hist, counts)
+    seen = counts[:top]
+    present = np.flatnonzero(seen)
+    channel_counts = {int(c): int(seen[c]) for c in present}
+    seen[:] = 0
+    return FrameAssignment(
+        pulse_index=buffers.pulse[:k], detector=buffers.det[:k],
+        residual_ps=buffers.residual[:k], unassigned=int(unassigned),
+        before_start=int(before), in_pulse_order=bool(ordered), histogram=hist,
+        channel_counts=channel_counts)
+
+
+_NO_TIMES = np.zeros(0, np.int64)
+
+
+_CHUNK = 256
+"""Tags per step of the assignment kernel: its arithmetic runs as SIMD over a chunk,
+then a scalar pass folds and compacts the chunk while it is in L1."""
+
+
+@njit(cache=True)
+def _assign_kernel(t: npt.NDArray[np.int64], ch: npt.NDArray[np.integer],
+                   det_ch: tuple[int, ...], det_delay: tuple[float, ...], base: int,
+                   frac: float, period: float, half_window: float, bins: int,
+                   pulse: npt.NDArray[np.int64], det: npt.NDArray[np.int8],
+                   residual: npt.NDArray[np.float64], kept: npt.NDArray[np.int64],
+                   hist: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]
+                   ) -> tuple[int, int, int, bool, int]:
+    """Nearest pulse, residual, window test and folded histogram of every tag.
+
+    A tag on detector channel ``det_ch[d]`` at time t lies x = t − base − frac −
+    det_delay[d] ps after pulse 0; its pulse is m = ⌊x/T + ½⌋, its residual x − m·T, its
+    histogram bin ⌊(x/T + ½ − m)·bins⌋.  Assigned rows (|residual| <= half_window) go
+    to ``pulse``/``det``/``residual`` (the tag time to ``kept`` unless it is empty);
+    ``hist`` (detectors × max(bins, 1)) gets every detector tag when bins > 0;
+    ``counts[c]`` (unless empty) counts the tags of every channel c >= 0.  Returns
+    (rows, detector tags outside the window, rows with pulse < 0, whether the rows'
+    pulses never decrease, 1 + the largest channel counted).
+    """
+    n = t.size
+    n_det = len(det_ch)
+    n_bins = max(bins, 1)
+    fbins = float(bins)
+    other = n_det * n_bins  # histogram slot of non-detector tags
+    flat = np.zeros(other + 1, np.int64)
+    keep_time = kept.size > 0
+    count = counts.size > 0
+    rs = np.empty(_CHUNK)
+    ms = np.empty(_CHUNK, np.int64)
+    hs = np.empty(_CHUNK, np.int64)
+    ds = np.empty(_CHUNK, np.int8)
+    oks = np.empty(_CHUNK, np.bool_)
     k = 0
-    outside = 0
-    for i in range(n):
-        c = ch[i]
-        if c < 0 or c >= lut_det.size or lut_det[c] < 0:
-            continue
-        d = lut_det[c]
-        x = float(t[i] - base) - frac - lut_delay[c]
-        q = x / period
-        m = np.floor(q + 0.5)
-        r = x - m * period
-        if bins > 0:
-            b = int((q + 0.5 - np.floor(q + 0.5)) * bins)
-            hist[d, min(b, bins - 1)] += 1
-        if abs(r) <= half_window:
-            pulse[k] = np.int64(m)
-            det[k] = d
-            residual[k] = r
-            kept[k] = t[i]
-            k += 1
+    top = 0  # 1 + the largest channel counted
+    for start in range(0, n, _CHUNK):
+        tt = t[start:start + _CHUNK]
+        cc = ch[start:start + _CHUNK]
+        others = 0
+        for j in range(tt.size):  # branch-free: compiles to SIMD
+            c = cc[j]
+            delay = 0.0
+            d = -1
+            for e in range(n_det):
+                if c == det_ch[e]:
+                    delay = det_delay[e]
+                    d = e
+            x = float(tt[j] - base) - frac - delay
+            q = x / period
+            m = np.floor(q + 0.5)
+            r = x - m * period
+            rs[j] = r
+            ms[j] = np.int64(m)
+            in_bin = np.int64((q + 0.5 - m) * fbins)
+            in_bin = in_bin if in_bin < n_bins else np.int64(n_bins - 1)
+            hs[j] = d * n_bins + in_bin if d >= 0 else other
+            ds[j] = d
+            oks[j] = (d >= 0) & (abs(r) <= half_window)
+            others += d < 0
+        for j in range(tt.size):
+            flat[hs[j]] += 1
+        if count and others:
+            for j in range(tt.size):
+                if ds[j] < 0 and cc[j] >= 0:
+                    counts[cc[j]] += 1
+                    top = max(top, cc[j] + 1)
+        if keep_time:
+            for j in range(tt.size):  # compaction, branch-free
+                pulse[k] = ms[j]
+                det[k] = ds[j]
+                residual[k] = rs[j]
+                kept[k] = tt[j]
+                k += oks[j]
         else:
-            outside += 1
-    return pulse[:k], det[:k], residual[:k], kept[:k], hist, outside
+            for j in range(tt.size):  # compaction, branch-free
+                pulse[k] = ms[j]
+                det[k] = ds[j]
+                residual[k] = rs[j]
+                k += oks[j]
+    before = 0
+    ordered = True
+    for i in range(k):
+        before += pulse[i] < 0
+        if i > 0 and pulse[i] < pulse[i - 1]:
+            ordered = False
+    detector_tags = 0
+    for d in range(n_det):
+        row = 0
+        for b in range(n_bins):
+            row += flat[d * n_bins + b]
+            if bins > 0:
+                hist[d, b] = flat[d * n_bins + b]
+        detector_tags += row
+        if count and row:
+            counts[det_ch[d]] += row
+            top = max(top, det_ch[d] + 1)
+    return k, detector_tags - k, before, ordered, top
 
 
 def track(solution: SyncSolution, assignment: Assignment, gain: float = 1.0,
@@ -454,20 +767,69 @@ def track(solution: SyncSolution, assignment: Assignment, gain: float = 1.0,
     spread detections enter the fit (20 000 already pin the offset to ~1 ps at 100 ps
     jitter), so its cost does not grow with the count rate.
     """
-    if assignment.pulse_index.size < 50:
+    return track_rows(solution, assignment.pulse_index, assignment.residual_ps, gain,
+                      max_points)
+
+
+def track_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
+               residual_ps: npt.NDArray[np.float64], gain: float = 1.0,
+               max_points: int = 20_000) -> SyncSolution:
+    """:func:`track` on the arrays of an assignment."""
+    if pulse_index.size < 50:
         return solution
-    stride = max(1, assignment.pulse_index.size // max_points)
-    n = assignment.pulse_index[::stride].astype(np.float64)
-    r = assignment.residual_ps[::stride]
+    stride = max(1, pulse_index.size // max_points)
     # robust: ignore the tails (dark counts, afterpulses spread over the window)
-    med = float(np.median(r))
-    mad = 1.4826 * float(np.median(np.abs(r - med))) or 1.0
-    core = np.abs(r - med) < 3 * mad
-    if core.sum() < 50:
+    x, y = _fit_points(pulse_index, residual_ps, stride, solution.period_ps / 2)
+    if x.size < 50:
         return solution
-    slope, intercept = np.polyfit(n[core], r[core], 1)
+    slope, intercept = _line_fit(x, y)
     return replace(
         solution,
-        period_ps=solution.period_ps + gain * float(slope),
-        origin_ps=solution.origin_ps + gain * float(intercept),
+        period_ps=solution.period_ps + gain * slope,
+        origin_ps=solution.origin_ps + gain * intercept,
     )
+
+
+@njit(cache=True)
+def _fit_points(pulse: npt.NDArray[np.int64], residual: npt.NDArray[np.float64],
+                stride: int, half_period: float
+                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Every ``stride``-th row within 3 robust σ of the median residual: (pulse, residual)."""
+    r = residual[::stride].copy()
+    med, limit = _median_and_limit(r, half_period)
+    x = np.empty(r.size)
+    y = np.empty(r.size)
+    k = 0
+    for j in range(r.size):
+        if abs(r[j] - med) < limit:
+            x[k] = float(pulse[j * stride])
+            y[k] = r[j]
+            k += 1
+    return x[:k], y[:k]
+
+
+def _line_fit(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """``np.polyfit(x, y, 1)`` (slope, intercept), without its generic overhead.
+
+    The same arithmetic: columns x and 1 scaled by their norms (the sums of squares
+    accumulated in order, as numpy's column sum does), LAPACK least squares, rescaled.
+    """
+    scale = np.array([math.sqrt(_sum_squares(x)), math.sqrt(float(x.size))])
+    lhs = np.empty((x.size, 2))
+    np.divide(x, scale[0], out=lhs[:, 0])
+    lhs[:, 1] = 1.0 / scale[1]
+    coef, _, rank, _ = np.linalg.lstsq(lhs, y, rcond=x.size * np.finfo(np.float64).eps)
+    if rank != 2:
+        warnings.warn("Polyfit may be poorly conditioned", np.exceptions.RankWarning,
+                      stacklevel=2)
+    coef = coef / scale
+    return float(coef[0]), float(coef[1])
+
+
+@njit(cache=True)
+def _sum_squares(x: npt.NDArray[np.float64]) -> float:
+    """Σ x², accumulated in index order."""
+    s = 0.0
+    for v in x:
+        s += v * v
+    return s

@@ -9,9 +9,12 @@ import numpy.typing as npt
 import pytest
 
 from qkdlab.experiments.bb84.sync import (
+    AssignBuffers,
     DetectorMap,
     SyncError,
     assign,
+    assign_frame,
+    sort_rows,
     synchronise,
     track,
 )
@@ -42,7 +45,9 @@ class Truth:
 
 def make_tags(seconds: float, ppm: float, origin_ps: float, rate_cps: float = 2e5,
               dark_cps: float = 2e3, jitter_ps: float = 40.0, seed: int = 1,
-              marker_every: int | None = None):  # type: ignore[no-untyped-def]
+              marker_every: int | None = None
+              ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16], npt.NDArray[np.int64],
+                         Truth]:
     rng = np.random.default_rng(seed)
     period = NOMINAL_PS * (1 + ppm * 1e-6)
     n_pulses = int(seconds / (NOMINAL_PS * 1e-12))
@@ -149,3 +154,41 @@ def test_tracking_follows_a_drifting_clock() -> None:
     assert kept > 0.95  # all but dark counts outside the window
     _, _, kept_untracked = run(tracking=False)
     assert kept_untracked < 0.2
+
+
+def test_frame_assignment_is_assign_plus_counts() -> None:
+    times, chans, _, _ = make_tags(0.2, 12.0, origin_ps=5_000_000.0, seed=4,
+                                   marker_every=1 << 14)
+    sol = synchronise(times, chans, DETECTORS, symbols, NOMINAL_PS, marker_channel=0,
+                      frame_pulses=1 << 14)
+    sol = replace(sol, origin_ps=sol.origin_ps + 1e6 * NOMINAL_PS)  # some pulses < 0
+    plain = assign(times, chans, sol, DETECTORS, 1000.0, histogram_bins=50)
+    buffers = AssignBuffers()
+    frame = assign_frame(times, chans, sol, DETECTORS, 1000.0, 50, buffers)
+    np.testing.assert_array_equal(frame.pulse_index, plain.pulse_index)
+    np.testing.assert_array_equal(frame.detector, plain.detector)
+    np.testing.assert_array_equal(frame.residual_ps, plain.residual_ps)
+    assert plain.histogram is not None
+    np.testing.assert_array_equal(frame.histogram, plain.histogram)
+    assert frame.unassigned == plain.unassigned > 0
+    assert frame.before_start == int((plain.pulse_index < 0).sum()) > 0
+    assert frame.channel_counts == {int(c): int(n) for c, n in
+                                    zip(*np.unique(chans, return_counts=True), strict=True)}
+    # every detector tag is in the histogram, assigned or not
+    assert int(frame.histogram.sum()) == plain.pulse_index.size + plain.unassigned
+    assert frame.in_pulse_order == bool(np.all(np.diff(plain.pulse_index) >= 0))
+
+
+def test_sort_rows_is_a_stable_sort() -> None:
+    rng = np.random.default_rng(3)
+    buffers = AssignBuffers()
+    pulse = np.repeat(np.arange(20_000, dtype=np.int64), 2)
+    swap = np.flatnonzero(rng.random(pulse.size - 1) < 0.01)
+    pulse[swap], pulse[swap + 1] = pulse[swap + 1], pulse[swap]  # near-sorted
+    shuffled = rng.permutation(pulse)  # the merge-sort fallback
+    for rows in (pulse, shuffled):
+        det = rng.integers(0, 4, rows.size).astype(np.int8)
+        order = np.argsort(rows, kind="stable")
+        p, d = sort_rows(rows, det, buffers)
+        np.testing.assert_array_equal(p, rows[order])
+        np.testing.assert_array_equal(d, det[order])
