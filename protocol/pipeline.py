@@ -251,14 +251,20 @@ def _amplify(channel: ClassicalChannel, key_bits: Bits, n_key: tuple[float, ...]
     out.finite = finite
     out.pa_input_bits = int(key_bits.size)
     if rng is not None:  # Alice decides the length and draws the seed
-        final = amplify_alice(channel, key_bits, max(finite.length, 0), rng,
-                              timeout=params.timeout_s)
+        length = max(finite.length, 0)
+        if length > key_bits.size:  # a bound gone wrong: never more key than input
+            out.aborted = True
+            out.reason = (f"no secure key: the finite-key length {length} exceeds the "
+                          f"{key_bits.size} corrected key bits (inconsistent bounds)")
+            length = 0  # Bob is told: no key from this block
+        final = amplify_alice(channel, key_bits, length, rng, timeout=params.timeout_s)
     else:
         final = amplify_bob(channel, key_bits, timeout=params.timeout_s)
     out.pa_output_bits = int(final.size)
     if final.size == 0:
         out.aborted = True
-        out.reason = f"no secure key: {finite.reason or 'finite-key length is zero'}"
+        out.reason = out.reason or (
+            f"no secure key: {finite.reason or 'finite-key length is zero'}")
         return out
     used = _session_bits(channel)
     out.auth_key_used_bits = used
