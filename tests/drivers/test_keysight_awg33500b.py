@@ -524,6 +524,9 @@ def test_reconnect_after_a_dropped_link(awg: Keysight33500BPattern,
                                         server: BlockScpiServer) -> None:
     awg.timeout(0.3)  # pyvisa-py sees a closed peer only as a read timeout
     awg.ch1.frequency(3e6)
+    # writes are not acknowledged: a write still in the socket buffer when the link
+    # drops is lost, as on a real cable, so wait until the mock has executed it
+    assert awg.ask("*OPC?") == "1"
     server.faults.drop_connection(refuse_for_s=0.2)
     assert awg.ch1.frequency() == pytest.approx(3e6)  # reconnects and retries
     server.faults.drop_connection(refuse_for_s=0.1)
