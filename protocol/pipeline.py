@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -102,11 +102,19 @@ class KeyOutcome:
     auth_key_used_bits: int = 0
     finite: FiniteKeyResult | None = field(default=None, repr=False)
     pool_refill: Bits | None = field(default=None, repr=False)
+    released_key_bits: int = 0
+    """Length of a key already stored and dropped from memory (:meth:`released`)."""
 
     @property
     def secure_key_bits(self) -> int:
         """Net key: the privacy-amplified key less the authentication key paid back."""
-        return 0 if self.key is None else int(self.key.size)
+        return self.released_key_bits if self.key is None else int(self.key.size)
+
+    def released(self) -> KeyOutcome:
+        """This outcome without its key material (key and pool refill), for once both are
+        stored: a long run keeps every block's figures, and no key in memory."""
+        return replace(self, key=None, pool_refill=None,
+                       released_key_bits=self.secure_key_bits)
 
     def summary(self) -> dict[str, Any]:
         def num(x: float) -> float | None:

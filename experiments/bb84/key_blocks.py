@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qkdlab.experiments.bb84.heap import release_free_heap
 from qkdlab.experiments.bb84.processing import BB84Settings, FrameStats, RunTotals
 from qkdlab.experiments.bb84.secure_key import (
     Distilled,
@@ -114,6 +115,9 @@ class KeyBlocks:
 
     def _process(self, alice: SiftedRecord, bob: SiftedRecord, index: int
                  ) -> Distilled | None:
+        # what the block before this one freed (its records are gone once the executor
+        # dropped its work item, before it took this one)
+        release_free_heap()
         name = block_id(self.run_id, index)
         self.block_files.append(save_record_pair(alice, bob, self.data_dir / "sifted", name))
         if not self.distill:

@@ -36,18 +36,16 @@ POOL_BITS = 1 << 20
 
 @dataclass
 class Distilled:
-    """Both sides' outcomes and where their keys went."""
+    """Both sides' outcomes (their key material already stored and released from
+    memory: :meth:`KeyOutcome.released`) and where their keys went."""
 
     alice: KeyOutcome
     bob: KeyOutcome
     alice_key_file: str | None
     bob_key_file: str | None
     pool_source: str
-
-    @property
-    def keys_match(self) -> bool:
-        a, b = self.alice.key, self.bob.key
-        return a is not None and b is not None and bool(np.array_equal(a, b))
+    keys_match: bool
+    """Both sides ended with a key, and the two keys were equal bit for bit."""
 
 
 BLOCK_ID = re.compile(r"-b\d{4,}$")
@@ -209,8 +207,9 @@ def distill_block(alice_record: SiftedRecord, bob_record: SiftedRecord,
     a, b = postprocess_in_process(alice_record, bob_record, params, pool,
                                   block_seed(settings.seed, block))
     files: list[str | None] = [None, None]
+    match = a.key is not None and b.key is not None and bool(np.array_equal(a.key, b.key))
     if not a.aborted and not b.aborted and a.key is not None and b.key is not None:
-        if not np.array_equal(a.key, b.key):  # verification passed, so this cannot happen
+        if not match:  # verification passed, so this cannot happen
             raise RuntimeError("keys differ after verification")
         for i, (side, outcome) in enumerate((("alice", a), ("bob", b))):
             store = KeyStore(key_dir / side)
@@ -222,5 +221,6 @@ def distill_block(alice_record: SiftedRecord, bob_record: SiftedRecord,
             KeyStore(key_dir / "auth_pool").save(a.pool_refill, run_id=run_id,
                                                  eps_sec=params.eps_sec,
                                                  eps_cor=params.eps_cor)
-    return Distilled(alice=a, bob=b, alice_key_file=files[0], bob_key_file=files[1],
-                     pool_source=source)
+    # stored (or aborted): a run of many blocks must not hold every key in memory
+    return Distilled(alice=a.released(), bob=b.released(), alice_key_file=files[0],
+                     bob_key_file=files[1], pool_source=source, keys_match=match)

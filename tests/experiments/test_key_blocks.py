@@ -67,6 +67,12 @@ def test_a_run_is_distilled_in_blocks_with_every_sifted_bit_accounted_for(
     for key_id, bits in alice.items():
         np.testing.assert_array_equal(bits, bob[key_id])
     assert sum(b.size for b in alice.values()) == s["secure_key_bits"]
+    # the run keeps each block's figures, not its key: a long run's memory stays flat
+    assert [b.alice.secure_key_bits for b in blocks] == [
+        alice[block_id(result.run_id, i)].size if i in with_key else 0
+        for i in range(len(blocks))]
+    assert all(o.key is None and o.pool_refill is None
+               for b in blocks for o in (b.alice, b.bob))
     # each block's records are on disk for 'qkdlab alice'/'bob', and no longer in memory
     names = sorted(p.name for p in (tmp_path / "sifted").iterdir())
     assert names == sorted(f"{block_id(result.run_id, i)}-{side}.npz"

@@ -48,3 +48,20 @@ def test_alice_never_asks_for_more_key_than_the_block_holds(
     assert a.reason is not None
     assert "exceeds the" in a.reason
     assert "inconsistent bounds" in a.reason
+
+
+def test_a_released_outcome_keeps_its_figures_and_drops_its_key_material() -> None:
+    pool = np.random.default_rng(1).integers(0, 2, 1 << 20, dtype=np.uint8)
+    a, _ = postprocess_in_process(*records(400_000, 0.02, 4), PARAMS, pool, seed=5)
+    assert not a.aborted
+    assert a.key is not None
+    assert a.pool_refill is not None
+    assert a.pool_refill.size
+    n = a.key.size
+    released = a.released()
+    assert released.key is None
+    assert released.pool_refill is None
+    assert released.secure_key_bits == n > 0
+    assert released.summary() == a.summary()
+    assert released.released().secure_key_bits == n  # idempotent
+    assert a.key is not None  # the original is untouched
