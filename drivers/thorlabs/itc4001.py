@@ -52,26 +52,38 @@ Safety
 
 Communication faults
 --------------------
-A reply timeout or an unreadable reply raises :class:`ITC4001CommunicationError`
-naming the instrument and the command.  After a timeout the late reply may still
-arrive; the next command first resynchronises (it sends ``*IDN?`` and discards
-replies until the identification comes back).  After a dropped link (USB unplugged,
-instrument power-cycled) call :meth:`ThorlabsITC4001.reconnect`, which reopens the
-VISA resource at the same address and checks ``*IDN?`` (retrying while the
-instrument is not back yet); or ``close()`` the instrument and create it again::
+The link is :class:`~qkdlab.drivers.visa_link.ReconnectingVisaLink`'s, **without the
+automatic retry** (``RETRY_ONCE = False``): a reply timeout, a lost link or an
+unreadable reply raises :class:`ITC4001CommunicationError` naming the instrument and
+the command, and nothing is ever resent.  A retry is not safe here:
+
+* Writes are not acknowledged.  A write into a link the peer has just closed vanishes
+  without an error; only a later command fails.  In a current ramp the failing
+  ``SOUR:CURR`` step can lie several steps beyond the last one applied, so resending it
+  on a new link would jump the current by the lost steps: the ramp would be skipped.
+* A link drops when the instrument is power-cycled or unplugged; meanwhile its setpoint
+  and output may have changed (power-on defaults, the front panel).  Resending a
+  setpoint or ``OUTP ON`` would re-apply a stale state, the latter after interlock and
+  limit checks made on the instrument as it was before.
+* ``SYST:ERR?`` removes the entry it reports: a resent query loses the lost reply's error.
+
+A ramp stops at the step that failed (the error leaves QCoDeS' ramp), and the next
+``current`` change ramps from a fresh read of the setpoint the instrument really holds.
+The next command after a failure first reopens the link once (new VISA session, device
+clear, ``*IDN?`` read up to the ``THORLABS`` reply, so a late reply never answers it)
+and raises if the instrument is not back; :meth:`ThorlabsITC4001.reconnect` waits for
+it (up to ``reconnect_timeout_s``, or ``attempts``/``wait_s``)::
 
     try:
         laser.current(0.05)
     except ITC4001CommunicationError:
-        laser.reconnect()  # 10 attempts, 0.2 s apart, by default
-        laser.current(0.05)
+        laser.reconnect()
+        laser.current(0.05)  # ramps from the setpoint the instrument holds now
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument
@@ -83,6 +95,7 @@ from qkdlab.drivers.scpi_errors import (
     harden_reply_parsers,
     parse_number,
 )
+from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence, Sized
@@ -139,7 +152,7 @@ class _FreshRampParameter(Parameter):
         return super().get_ramp_values(value, step)
 
 
-class ThorlabsITC4001(VisaInstrument):
+class ThorlabsITC4001(ReconnectingVisaLink, VisaInstrument):
     """Thorlabs ITC4001 laser-diode current and TEC controller.
 
     Satisfies :class:`qkdlab.drivers.roles.Laser`.
@@ -156,6 +169,10 @@ class ThorlabsITC4001(VisaInstrument):
     """
 
     default_terminator = "\n"
+    error_cls: ClassVar[type[Exception]] = ITC4001CommunicationError
+    communication_error_cls: ClassVar[type[Exception]] = ITC4001CommunicationError
+    RETRY_ONCE: ClassVar[bool] = False
+    """Never resend a failed command (module docstring, "Communication faults")."""
 
     def __init__(
         self,
@@ -175,12 +192,8 @@ class ThorlabsITC4001(VisaInstrument):
         if current_step_a <= 0.0 or current_step_delay_s < 0.0:
             raise ValueError("current_step_a must be > 0 and current_step_delay_s >= 0")
         self.current_limit_a = float(current_limit_a)
-        self._visalib = kwargs.get("visalib")
-        self._needs_resync = False
-        self._resync_marker_sent = False
+        self.init_link(address, dict(kwargs))
         super().__init__(name, address, **kwargs)
-        if self.visabackend == "sim":
-            self._visalib = f"{self.visa_handle.visalib.library_path}@sim"
 
         # -- LD source (3.7) ---------------------------------------------------------
         self.current: Parameter = self.add_parameter(
@@ -433,48 +446,23 @@ class ThorlabsITC4001(VisaInstrument):
             if parameter.gettable and parameter.name not in ("IDN", "timeout"):
                 parameter.cache.invalidate()
 
-    # -- link recovery ---------------------------------------------------------------
-    def reconnect(self, attempts: int = 10, wait_s: float = 0.2) -> None:
-        """Reopen the VISA resource after a dropped link and check ``*IDN?``.
+    # -- link recovery (ReconnectingVisaLink hooks) ----------------------------------
+    def _on_reopen(self) -> None:
+        """A device clear on every new link (drops a pending reply over USBTMC)."""
+        self.device_clear()
 
-        Tries ``attempts`` times, ``wait_s`` apart, keeping terminators and timeout.
-        Raises :class:`ITC4001CommunicationError` if the instrument does not answer.
-        """
-        import pyvisa.errors
-
-        address = self.visa_handle.resource_name
-        timeout_ms = self.visa_handle.timeout
-        terminator = self.visa_handle.write_termination
-        last: Exception | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(wait_s)
-            try:
-                self.set_address(address, self._visalib)
-                self.set_terminator(terminator)
-                self.visa_handle.timeout = timeout_ms
-                self.device_clear()
-                reply = self.visa_handle.query("*IDN?")
-            except (pyvisa.errors.Error, OSError, UnicodeDecodeError) as err:
-                last = err
-                continue
-            if reply.upper().startswith("THORLABS"):
-                self._needs_resync = self._resync_marker_sent = False
-                self.log.info(f"reconnected to {address} after {attempt + 1} attempt(s)")
-                return
-            last = ITC4001CommunicationError(f"unexpected *IDN? reply {reply!r}")
-        raise ITC4001CommunicationError(
-            f"{self.name}: could not reconnect to {address} in {attempts} attempts: {last}"
-        ) from last
+    def _link_answers(self, reply: str) -> bool:
+        """The probe (``*IDN?``) is answered by a Thorlabs instrument."""
+        return reply.upper().startswith("THORLABS")
 
     # -- transport ---------------------------------------------------------------------
     def device_clear(self) -> None:
-        """Clear the VISA buffers (done on connect and by :meth:`reconnect`).
+        """Clear the VISA buffers (done on connect and on every reopened link).
 
         On a raw TCP socket through pyvisa-py (how the mock is reached) only the local
         read buffer is discarded: pyvisa-py's socket ``clear()`` spins forever on a
-        connection the peer has closed.  Late replies after a timeout are dropped by
-        the resync (see ``ask_raw``).
+        connection the peer has closed.  A late reply on a socket is dropped with the
+        old connection anyway; over USBTMC the clear empties the device's output queue.
         """
         if self.visabackend == "py" and str(self.visa_handle.resource_name).upper().endswith(
             "::SOCKET"
@@ -484,69 +472,6 @@ class ThorlabsITC4001(VisaInstrument):
             self.visa_handle.flush(BufferOperation.discard_read_buffer_no_io)
             return
         super().device_clear()
-
-    def write_raw(self, cmd: str) -> None:
-        import pyvisa.errors
-
-        self._resync_if_needed(cmd)
-        try:
-            super().write_raw(cmd)
-        except pyvisa.errors.Error as err:
-            raise ITC4001CommunicationError(
-                f"{self.name}: could not send {cmd!r}: {err}; see reconnect()"
-            ) from err
-
-    def ask_raw(self, cmd: str) -> str:
-        import pyvisa.errors
-        from pyvisa.constants import StatusCode
-
-        self._resync_if_needed(cmd)
-        try:
-            return super().ask_raw(cmd)
-        except pyvisa.errors.VisaIOError as err:
-            if err.error_code == StatusCode.error_timeout:
-                self._needs_resync = True
-                raise ITC4001CommunicationError(
-                    f"{self.name}: no reply to {cmd!r} within {self._timeout_text()}; "
-                    "the instrument is busy, switched off or the link dropped "
-                    "(see reconnect())"
-                ) from err
-            raise ITC4001CommunicationError(
-                f"{self.name}: VISA error on {cmd!r}: {err}; see reconnect()"
-            ) from err
-        except UnicodeDecodeError as err:
-            raise ITC4001CommunicationError(
-                f"{self.name}: unreadable (non-ASCII) reply to {cmd!r}: {err.object!r}"
-            ) from err
-
-    def _timeout_text(self) -> str:
-        timeout_ms = self.visa_handle.timeout
-        if timeout_ms is None or math.isinf(timeout_ms):
-            return "the (infinite) timeout"
-        return f"{timeout_ms / 1000:g} s"
-
-    def _resync_if_needed(self, cmd: str) -> None:
-        """After a timeout, drop late replies: ask ``*IDN?`` and read up to its answer.
-
-        At most one ``*IDN?`` marker is outstanding: if reading times out again, the
-        next command keeps reading instead of sending another marker.
-        """
-        if not self._needs_resync:
-            return
-        try:
-            if not self._resync_marker_sent:
-                self.visa_handle.write("*IDN?")
-                self._resync_marker_sent = True
-            for _ in range(64):
-                if self.visa_handle.read().upper().startswith("THORLABS"):
-                    self._needs_resync = self._resync_marker_sent = False
-                    return
-        except Exception as err:
-            raise ITC4001CommunicationError(
-                f"{self.name}: cannot resynchronise before {cmd!r} after an earlier "
-                f"timeout: {err}; see reconnect()"
-            ) from err
-        raise ITC4001CommunicationError(f"{self.name}: cannot resynchronise before {cmd!r}")
 
     def _ask_number(self, cmd: str) -> float:
         reply = self.ask(cmd)

@@ -80,23 +80,38 @@ Roles and safety
 
 Communication faults
 --------------------
-A reply timeout or an unreadable reply raises :class:`MBXCommunicationError` naming the
-instrument and the command.  After a timeout the late reply may still come; the next
-command first resynchronises (asks ``SYSTEM:SERIAL?`` and drops replies until the
-serial number comes back).  After a dropped link call :meth:`ThorlabsMBX.reconnect`.
+The link is :class:`~qkdlab.drivers.visa_link.ReconnectingVisaLink`'s, **without the
+automatic retry** (``RETRY_ONCE = False``): a reply timeout, a lost link or an
+unreadable reply raises :class:`MBXCommunicationError` naming the instrument and the
+command, and nothing is ever resent.  A retry is not safe here:
+
+* ``MZM:RESET`` (restart the bias calibration) is an action: a resend repeats it.
+* A link drops when the controller reboots or is power-cycled; it comes back with its
+  power-on settings.  Resending the next ``MZM:HOLD:VOLTAGE`` step of a bias ramp would
+  jump the bias from the power-on value to that step, skipping the ramp, and
+  :meth:`ThorlabsMBX.set_bias` would hold a "present bias" read before the drop.
+
+A ramp stops at the step that failed; the next :meth:`ThorlabsMBX.set_bias` ramps
+from a fresh read.  The next command after a failure first reopens the link once
+(serial line settings restored and the port flushed; ``SYSTEM:SERIAL?`` read up to the
+instrument's serial number, so a late reply — which a serial port does not drop on
+reopening — never answers it) and raises if the instrument is not back;
+:meth:`ThorlabsMBX.reconnect` waits for it (up to ``reconnect_timeout_s``, or
+``attempts``/``wait_s``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from qcodes import validators as vals
 from qcodes.instrument import VisaInstrument
 from qcodes.parameters import Parameter
 
 from qkdlab.drivers.scpi_errors import harden_reply_parsers
+from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence, Sized
@@ -170,7 +185,7 @@ class _FreshRampParameter(Parameter):
         return super().get_ramp_values(value, step)
 
 
-class ThorlabsMBX(VisaInstrument):
+class ThorlabsMBX(ReconnectingVisaLink, VisaInstrument):
     """Thorlabs MBX modulator bias controller + variable optical attenuator.
 
     Satisfies :class:`qkdlab.drivers.roles.IntensityModulator` and
@@ -191,6 +206,12 @@ class ThorlabsMBX(VisaInstrument):
 
     default_terminator = "\n"
     default_timeout = 2.0
+    error_cls: ClassVar[type[Exception]] = MBXCommunicationError
+    communication_error_cls: ClassVar[type[Exception]] = MBXCommunicationError
+    RETRY_ONCE: ClassVar[bool] = False
+    """Never resend a failed command (module docstring, "Communication faults")."""
+    LINK_PROBE: ClassVar[str] = "SYSTEM:SERIAL?"
+    """The MBX has no ``*IDN?``; a reopened link must return the serial number."""
 
     def __init__(
         self,
@@ -204,15 +225,12 @@ class ThorlabsMBX(VisaInstrument):
     ) -> None:
         if not bias_step_v > 0.0 or bias_step_delay_s < 0.0:
             raise ValueError("bias_step_v must be > 0 V and bias_step_delay_s >= 0 s")
-        self._visalib = kwargs.get("visalib")
         self._write_terminator = write_terminator
-        self._needs_resync = False
         self._serial: str | None = None
         self.last_error: str | None = None
         """The last ``Err: ...`` reply of the instrument (None if none yet)."""
+        self.init_link(address, dict(kwargs))
         super().__init__(name, address, **kwargs)
-        if self.visabackend == "sim":
-            self._visalib = f"{self.visa_handle.visalib.library_path}@sim"
         self._configure_port()
 
         # -- Mach-Zehnder bias control (guide 2.4) --------------------------------------
@@ -511,20 +529,20 @@ class ThorlabsMBX(VisaInstrument):
         self.voa_mode("attenuation")
         self.voa_enabled(True)
 
-    # -- restart and link recovery -----------------------------------------------------------
+    # -- restart and link recovery ----------------------------------------------------------
     def restart(self, wait_s: float = 2.0, attempts: int = 20, retry_s: float = 0.5) -> None:
         """Reboot the instrument (``SYSTEM:RESTART``, guide 2.5) and reconnect.
 
         The instrument reboots to its power-on settings; no reply is awaited.  After
-        ``wait_s`` the link is reopened (see :meth:`reconnect`) and every cached value
-        is invalidated.
+        ``wait_s`` the link is reopened (:meth:`reconnect` with ``attempts`` attempts
+        ``retry_s`` apart) and every cached value is invalidated.
         """
         import pyvisa.errors
 
         self.visa_log.debug("Writing: SYSTEM:RESTART")
         try:
             self.visa_handle.write("SYSTEM:RESTART")
-        except pyvisa.errors.Error as err:
+        except (pyvisa.errors.Error, OSError) as err:
             raise MBXCommunicationError(
                 f"{self.name}: could not send 'SYSTEM:RESTART': {err}"
             ) from err
@@ -532,42 +550,22 @@ class ThorlabsMBX(VisaInstrument):
         self.reconnect(attempts=attempts, wait_s=retry_s)
         self._invalidate_caches()
 
-    def reconnect(self, attempts: int = 10, wait_s: float = 0.2) -> None:
-        """Reopen the VISA resource after a dropped link and check ``SYSTEM:SERIAL?``.
+    def _on_reopen(self) -> None:
+        """Line settings on the new link; a serial port is flushed (ReconnectingVisaLink hook).
 
-        Tries ``attempts`` times, ``wait_s`` apart, keeping terminators and timeout.
-        Raises :class:`MBXCommunicationError` if the instrument does not answer.  (No
-        VISA clear on sockets: pyvisa-py's ``clear()`` spins forever on a socket the
-        peer has closed.)
+        No VISA clear on sockets: pyvisa-py's ``clear()`` spins forever on a socket the
+        peer has closed, and a new socket holds nothing stale.
         """
-        import pyvisa.errors
         import pyvisa.resources
 
-        address = self.visa_handle.resource_name
-        timeout_ms = self.visa_handle.timeout
-        last: Exception | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(wait_s)
-            try:
-                self.set_address(address, self._visalib)
-                self.set_terminator(self.default_terminator)
-                self._configure_port()
-                self.visa_handle.timeout = timeout_ms
-                if isinstance(self.visa_handle, pyvisa.resources.SerialInstrument):
-                    self.device_clear()  # flush the port; a new socket holds nothing stale
-                reply = self.visa_handle.query("SYSTEM:SERIAL?").strip()
-            except (pyvisa.errors.Error, OSError, UnicodeDecodeError) as err:
-                last = err
-                continue
-            if reply and not reply.startswith("Err:") and self._serial in (None, reply):
-                self._needs_resync = False
-                self.log.info(f"reconnected to {address} after {attempt + 1} attempt(s)")
-                return
-            last = MBXCommunicationError(f"unexpected SYSTEM:SERIAL? reply {reply!r}")
-        raise MBXCommunicationError(
-            f"{self.name}: could not reconnect to {address} in {attempts} attempts: {last}"
-        ) from last
+        self._configure_port()
+        if isinstance(self.visa_handle, pyvisa.resources.SerialInstrument):
+            self.device_clear()
+
+    def _link_answers(self, reply: str) -> bool:
+        """The probe's reply is this instrument's serial number (ReconnectingVisaLink hook)."""
+        reply = reply.strip()
+        return bool(reply) and not reply.startswith("Err:") and self._serial in (None, reply)
 
     def _configure_port(self) -> None:
         """Write terminator, and the serial line settings on ``ASRL`` resources."""
@@ -590,72 +588,19 @@ class ThorlabsMBX(VisaInstrument):
     # -- transport: every line gets exactly one reply -------------------------------------------
     def write_raw(self, cmd: str) -> None:
         """Send a setting or action; the instrument must answer ``1``."""
-        reply = self._transact(cmd)
+        reply = self.ask_raw(cmd)
         if reply != "1":
             raise MBXCommunicationError(
                 f"{self.name}: unexpected reply {reply!r} to {cmd!r} (expected '1')"
             )
 
     def ask_raw(self, cmd: str) -> str:
-        """Send a query; its reply with the terminator stripped."""
-        return self._transact(cmd)
-
-    def _transact(self, cmd: str) -> str:
-        import pyvisa.errors
-        from pyvisa.constants import StatusCode
-
-        self._resync_if_needed(cmd)
-        try:
-            reply = super().ask_raw(cmd).strip()
-        except pyvisa.errors.VisaIOError as err:
-            if err.error_code == StatusCode.error_timeout:
-                self._needs_resync = True
-                raise MBXCommunicationError(
-                    f"{self.name}: no reply to {cmd!r} within {self._timeout_text()}; the "
-                    "instrument is busy, switched off or the link dropped (see reconnect())"
-                ) from err
-            raise MBXCommunicationError(
-                f"{self.name}: VISA error on {cmd!r}: {err}; see reconnect()"
-            ) from err
-        except pyvisa.errors.Error as err:
-            raise MBXCommunicationError(
-                f"{self.name}: VISA error on {cmd!r}: {err}; see reconnect()"
-            ) from err
-        except UnicodeDecodeError as err:
-            raise MBXCommunicationError(
-                f"{self.name}: unreadable (non-ASCII) reply to {cmd!r}: {err.object!r}"
-            ) from err
+        """Send a line; its reply with the terminator stripped (``Err: ...`` raises)."""
+        reply = super().ask_raw(cmd).strip()
         if reply.startswith("Err:"):
             self.last_error = reply
             raise MBXInstrumentError(f"{self.name} rejected {cmd!r}: {reply}", cmd, reply)
         return reply
-
-    def _timeout_text(self) -> str:
-        timeout_ms = self.visa_handle.timeout
-        if timeout_ms is None or math.isinf(timeout_ms):
-            return "the (infinite) timeout"
-        return f"{timeout_ms / 1000:g} s"
-
-    def _resync_if_needed(self, cmd: str) -> None:
-        """After a timeout, drop late replies: ask the serial number and read up to it."""
-        if not self._needs_resync:
-            return
-        self._needs_resync = False
-        if self._serial is None:
-            return
-        try:
-            self.visa_handle.write("SYSTEM:SERIAL?")
-            for _ in range(64):
-                if self.visa_handle.read().strip() == self._serial:
-                    return
-        except Exception as err:
-            self._needs_resync = True
-            raise MBXCommunicationError(
-                f"{self.name}: cannot resynchronise before {cmd!r} after an earlier "
-                f"timeout: {err}; see reconnect()"
-            ) from err
-        self._needs_resync = True
-        raise MBXCommunicationError(f"{self.name}: cannot resynchronise before {cmd!r}")
 
     def _ask_float(self, cmd: str) -> float:
         reply = self.ask(cmd)

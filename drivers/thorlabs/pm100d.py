@@ -49,16 +49,35 @@ construction                ``STAT:OPER:PTR 512``, ``STAT:OPER:NTR 0``,     upst
 ``error_queue()``           ``SYST:ERR?`` until ``+0``                      adapter
 ==========================  ==============================================  ============
 
-A PM100D is never unsafe to leave as it is; the role has no ``safe_state``.  Reply
-timeouts and unreadable replies surface as QCoDeS adds them: the pyvisa or decoding
-error with ``"asking '<command>' to <ThorlabsPM100D: name>"`` appended.  After a dropped
-link call :meth:`ThorlabsPM100D.reconnect`.
+A PM100D is never unsafe to leave as it is; the role has no ``safe_state``.
+
+Communication faults
+--------------------
+The link is :class:`~qkdlab.drivers.visa_link.ReconnectingVisaLink`'s, **without the
+automatic retry** (``RETRY_ONCE = False``): a reply timeout or a lost link raises
+:class:`PM100DCommunicationError` naming the instrument and the command ("no reply in
+time on '<command>'"), an unreadable reply likewise ("garbled reply to
+'<command>'"); QCoDeS appends ``"asking '<command>' to <ThorlabsPM100D: name>"``.
+Nothing is resent, because a retry is not safe here:
+
+* A power reading is a sequence (``CONF:POW``, ``ABOR;:STAT:OPER?``, ``INIT``,
+  ``MEAS:POW``, then ``FETC?``) and writes are not acknowledged: after a lost link a
+  resent ``FETC?`` would return a reading that the lost ``INIT``/``MEAS:POW`` never
+  started — a stale value, from before the drop or from another configuration.
+* ``STAT:OPER?`` clears the event register and ``SYST:ERR?`` removes the entry it
+  reports: a query resent after its reply was lost loses that information.
+* ``CORR:COLL:ZERO`` (zeroing) and ``*RST`` are actions, not absolute settings.
+
+The next command after a failure first reopens the link once (``*IDN?`` read up to the
+``THORLABS`` reply, so a late reply never answers it) and raises if the meter is not
+back; :meth:`ThorlabsPM100D.reconnect` waits for it (up to ``reconnect_timeout_s``, or
+``attempts``/``wait_s``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from qcodes import validators as vals
 from qcodes.parameters import Parameter
@@ -69,20 +88,25 @@ from qkdlab.drivers.scpi_errors import (
     drain_error_queue,
     harden_reply_parsers,
 )
+from qkdlab.drivers.visa_link import ReconnectingVisaLink
 
 AVERAGING_RANGE = (1, 10000)
 """Averaging counts the adapter accepts (samples per reading)."""
 
 
 class PM100DError(Exception):
-    """The meter reported errors, or could not be reached again."""
+    """The meter reported errors (in :attr:`errors`), or could not be reached."""
 
     def __init__(self, message: str, errors: list[tuple[int, str]] | None = None) -> None:
         super().__init__(message)
         self.errors = list(errors or [])
 
 
-class ThorlabsPM100D(Thorlab_PM100D):
+class PM100DCommunicationError(PM100DError):
+    """No reply in time, an unreadable reply, or a lost link not re-established."""
+
+
+class ThorlabsPM100D(ReconnectingVisaLink, Thorlab_PM100D):
     """Thorlabs PM100D console (``Thorlab_PM100D`` from ``qcodes_contrib_drivers``).
 
     Satisfies :class:`qkdlab.drivers.roles.PowerMeter`.
@@ -99,6 +123,11 @@ class ThorlabsPM100D(Thorlab_PM100D):
             ``visalib``, ``pyvisa_sim_file``, ...).
     """
 
+    error_cls: ClassVar[type[Exception]] = PM100DCommunicationError
+    communication_error_cls: ClassVar[type[Exception]] = PM100DCommunicationError
+    RETRY_ONCE: ClassVar[bool] = False
+    """Never resend a failed command (module docstring, "Communication faults")."""
+
     def __init__(self, name: str, address: str, *, averaging: int = 300,
                  settle_s: float = 5.0, **kwargs: Any) -> None:
         lo, hi = AVERAGING_RANGE
@@ -107,10 +136,8 @@ class ThorlabsPM100D(Thorlab_PM100D):
         if settle_s < 0:
             raise ValueError(f"settle_s must be >= 0 s, got {settle_s!r}")
         self._settle_s = float(settle_s)
+        self.init_link(address, dict(kwargs))
         super().__init__(name, address, **kwargs)
-        self._visalib: str | None = kwargs.get("visalib")
-        if self.visabackend == "sim":
-            self._visalib = f"{self.visa_handle.visalib.library_path}@sim"
         stale = self.error_queue()
         if stale:
             self.log.info(f"errors queued during construction (upstream's bare 'AVER'): {stale}")
@@ -184,32 +211,6 @@ class ThorlabsPM100D(Thorlab_PM100D):
             listed = "; ".join(f'{code},"{message}"' for code, message in errors)
             raise PM100DError(f"{self.name} reported error(s): {listed}", errors)
 
-    def reconnect(self, attempts: int = 10, wait_s: float = 0.2) -> None:
-        """Reopen the VISA resource after a dropped link and check ``*IDN?``.
-
-        Raises :class:`PM100DError` if the meter does not answer in ``attempts`` tries.
-        """
-        import pyvisa.errors
-
-        address = self.visa_handle.resource_name
-        timeout_ms = self.visa_handle.timeout
-        terminator = self.visa_handle.write_termination
-        last: Exception | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(wait_s)
-            try:
-                self.set_address(address, self._visalib)
-                self.set_terminator(terminator)
-                self.visa_handle.timeout = timeout_ms
-                reply = self.visa_handle.query("*IDN?")
-            except (pyvisa.errors.Error, OSError, UnicodeDecodeError) as err:
-                last = err
-                continue
-            if reply.upper().startswith("THORLABS"):
-                self.log.info(f"reconnected to {address} after {attempt + 1} attempt(s)")
-                return
-            last = PM100DError(f"unexpected *IDN? reply {reply!r}")
-        raise PM100DError(
-            f"{self.name}: could not reconnect to {address} in {attempts} attempts: {last}"
-        ) from last
+    def _link_answers(self, reply: str) -> bool:
+        """The probe (``*IDN?``) is answered by a Thorlabs meter (ReconnectingVisaLink hook)."""
+        return reply.upper().startswith("THORLABS")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import pyvisa.errors
+from pyvisa.constants import StatusCode
 
 from qkdlab.drivers.roles import Laser
 from qkdlab.drivers.thorlabs.itc4001 import (
@@ -441,7 +443,8 @@ def test_reply_timeout_names_instrument_and_command(rig: Rig) -> None:
     rig.laser.current(0.02)
     rig.server.faults.delay_replies(0.5)
     with pytest.raises(
-        ITC4001CommunicationError, match=r"dut: no reply to 'MEAS:TEMP\?' within 0\.3 s"
+        ITC4001CommunicationError,
+        match=r"dut: no reply in time on 'MEAS:TEMP\?' \(timeout 0\.3 s\); not resent",
     ):
         rig.laser.temperature()
     rig.server.faults.clear()
@@ -453,7 +456,7 @@ def test_reply_timeout_names_instrument_and_command(rig: Rig) -> None:
 def test_garbage_reply_names_instrument_and_command(rig: Rig) -> None:
     rig.server.faults.send_garbage(1)
     with pytest.raises(
-        ITC4001CommunicationError, match=r"dut: unreadable .*reply to 'SOUR:CURR\?'"
+        ITC4001CommunicationError, match=r"dut: garbled reply to 'SOUR:CURR\?'"
     ):
         rig.laser.current()
     assert rig.laser.current() == 0.0
@@ -466,7 +469,7 @@ def test_reconnect_after_dropped_link(rig: Rig, caplog: pytest.LogCaptureFixture
     # in the socket buffer would be lost with the connection)
     rig.sync()
     rig.server.faults.drop_connection(refuse_for_s=5.0)
-    with pytest.raises(ITC4001CommunicationError, match="dut: no reply to 'SOUR:CURR:LIM"):
+    with pytest.raises(ITC4001CommunicationError, match="dut: no reply in time on 'SOUR:CURR:LIM"):
         laser.current_limit()
     back = threading.Timer(0.3, rig.server.faults.clear)  # the instrument comes back
     back.start()
@@ -478,6 +481,46 @@ def test_reconnect_after_dropped_link(rig: Rig, caplog: pytest.LogCaptureFixture
     assert re.search(r"reconnected to TCPIP.* after ([2-9]|1\d) attempt", caplog.text)
     assert laser.current() == pytest.approx(0.02)
     assert laser.current_limit() == pytest.approx(0.08)
+
+
+def test_a_ramp_cut_by_a_lost_link_is_not_resumed_by_a_resend(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No automatic retry (module docstring): a resent step would skip the ramp."""
+    laser, mock = rig.laser, rig.mock
+    handle = laser.visa_handle
+    send = handle.write
+
+    def cut_cable(message: str, *args: Any, **kwargs: Any) -> int:
+        if message == "SOUR:CURR 0.02":  # into a socket the peer just closed: vanishes
+            return len(message)
+        if message == "SOUR:CURR 0.03":  # the next write notices the lost link
+            raise pyvisa.errors.VisaIOError(StatusCode.error_connection_lost)
+        return int(send(message, *args, **kwargs))
+
+    monkeypatch.setattr(handle, "write", cut_cable)
+    with pytest.raises(ITC4001CommunicationError, match=r"dut: link error .* on 'SOUR:CURR 0\.03'"):
+        laser.current(0.05)
+    rig.sync()  # a new link (the old one stays cut)
+    assert mock.current_setpoints == pytest.approx([0.01])  # 0.03 was not sent again
+    laser.current(0.05)  # from a fresh read of where the current really is
+    rig.sync()
+    assert mock.current_setpoints == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
+
+
+def test_every_new_link_gets_a_device_clear(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    clears: list[str | None] = []
+    device_clear = ThorlabsITC4001.device_clear
+
+    def counting_clear(laser: ThorlabsITC4001) -> None:
+        clears.append(laser.address)
+        device_clear(laser)
+
+    monkeypatch.setattr(ThorlabsITC4001, "device_clear", counting_clear)
+    rig.laser.reconnect(attempts=1)
+    rig.laser.reconnect(timeout_s=1.0)
+    assert len(clears) == 2
+    assert rig.laser.current_limit() == pytest.approx(0.08)
 
 
 def test_reinstantiate_after_dropped_link(rig: Rig) -> None:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import pyvisa.errors
+from pyvisa.constants import StatusCode
 
 from qkdlab.drivers.roles import Attenuator, IntensityModulator
 from qkdlab.drivers.thorlabs.mbx import (
@@ -417,7 +419,9 @@ def test_timeout_names_instrument_and_command_then_resyncs(
 ) -> None:
     mbx.timeout(0.2)
     server.faults.delay_replies(0.4)
-    with pytest.raises(MBXCommunicationError, match=r"dut: no reply to 'VOA:ATTEN\?' within 0.2 s"):
+    with pytest.raises(
+        MBXCommunicationError, match=r"dut: no reply in time on 'VOA:ATTEN\?' \(timeout 0\.2 s\)"
+    ):
         mbx.attenuation.get()
     server.faults.clear()
     time.sleep(0.3)  # the late reply arrives; the next command must skip it
@@ -427,10 +431,10 @@ def test_timeout_names_instrument_and_command_then_resyncs(
 
 def test_garbage_reply_names_instrument_and_command(mbx: ThorlabsMBX, server: MBXServer) -> None:
     server.faults.send_garbage(1)
-    with pytest.raises(MBXCommunicationError, match=r"dut: unreadable .* reply to 'MZM:VOLTAGE\?'"):
+    with pytest.raises(MBXCommunicationError, match=r"dut: garbled reply to 'MZM:VOLTAGE\?'"):
         mbx.bias_voltage()
     server.faults.send_garbage(1)
-    with pytest.raises(MBXCommunicationError, match=r"dut: unreadable .* 'VOA:POWER: 1'"):
+    with pytest.raises(MBXCommunicationError, match=r"dut: garbled reply to 'VOA:POWER: 1'"):
         mbx.voa_enabled(True)
     assert mbx.bias_voltage() == pytest.approx(0.0)
 
@@ -443,6 +447,28 @@ def test_reconnect_after_a_dropped_link(mbx: ThorlabsMBX, server: MBXServer, moc
     mbx.reconnect(attempts=30, wait_s=0.05)
     assert mbx.attenuation() == pytest.approx(15.0)  # the instrument kept its state
     assert mock.attenuation_setpoint_db == pytest.approx(15.0)
+
+
+def test_an_action_whose_reply_was_lost_is_not_sent_again(
+    mbx: ThorlabsMBX, mock: MockMBX, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No automatic retry (module docstring): MZM:RESET restarts the calibration."""
+    mbx.lock_bias("auto_peak")
+    handle = mbx.visa_handle
+    query = handle.query
+
+    def reply_lost(message: str, *args: Any, **kwargs: Any) -> str:
+        if message == "MZM:RESET":
+            query(message)  # the controller acts on it; its '1' never reaches the driver
+            raise pyvisa.errors.VisaIOError(StatusCode.error_timeout)
+        return str(query(message, *args, **kwargs))
+
+    monkeypatch.setattr(handle, "query", reply_lost)
+    with pytest.raises(MBXCommunicationError, match=r"dut: no reply in time on 'MZM:RESET'"):
+        mbx.recalibrate_bias()
+    assert mbx.bias_mode() == "auto_peak"  # on a new link: the late '1' answers nothing
+    assert mock.commands.count("MZM:RESET") == 1
+    assert mock.commands[-2:] == ["SYSTEM:SERIAL?", "MZM:MODE?"]
 
 
 def test_reconnect_gives_up_with_a_clear_error(mbx: ThorlabsMBX, server: MBXServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pyvisa.errors
 import qcodes_contrib_drivers.drivers.Thorlabs.PM100D
+from pyvisa.constants import StatusCode
 
 from qkdlab.drivers.roles import PowerMeter
-from qkdlab.drivers.thorlabs.pm100d import PM100DError, ThorlabsPM100D
+from qkdlab.drivers.thorlabs.pm100d import PM100DCommunicationError, PM100DError, ThorlabsPM100D
 from qkdlab.mock_instruments.bench import Bench
 from qkdlab.mock_instruments.server import ScpiServer
 from qkdlab.mock_instruments.thorlabs.pm100d import (
@@ -249,8 +252,10 @@ def test_documented_long_forms(rig: Rig) -> None:
 def test_timeout_names_instrument_and_command(rig: Rig) -> None:
     rig.pm.visa_handle.timeout = 300
     rig.server.faults.delay_replies(0.6)
-    with pytest.raises(Exception, match=r"asking 'SENS:AVER:COUN\?' to <ThorlabsPM100D: dut>"):
+    with pytest.raises(PM100DCommunicationError,
+                       match=r"asking 'SENS:AVER:COUN\?' to <ThorlabsPM100D: dut>") as info:
         rig.pm.averaging.get()
+    assert info.value.args[0].startswith("dut: no reply in time on 'SENS:AVER:COUN?'")
     rig.server.faults.clear()
     rig.pm.reconnect()  # drops the late reply with the old link
     assert rig.pm.averaging.get() == 300
@@ -258,10 +263,42 @@ def test_timeout_names_instrument_and_command(rig: Rig) -> None:
 
 def test_garbage_names_instrument_and_command(rig: Rig) -> None:
     rig.server.faults.send_garbage(1)
-    with pytest.raises(UnicodeDecodeError) as info:
+    with pytest.raises(PM100DCommunicationError) as info:
         rig.pm.attenuation.get()
+    assert info.value.args[0].startswith("dut: garbled reply to 'CORR?'")
     assert "asking 'CORR?' to <ThorlabsPM100D: dut>" in str(info.value.args)
     assert rig.pm.attenuation.get() == 0.0
+
+
+def test_a_reading_cut_by_a_lost_link_is_not_completed_by_a_resend(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No automatic retry (module docstring): a resent FETC? after a lost MEAS:POW would
+    return a reading nobody started."""
+    received: list[str] = []
+    handle_message = rig.mock.handle_message
+
+    def spy(message: str) -> str | None:
+        received.append(message)
+        return handle_message(message)
+
+    monkeypatch.setattr(rig.mock, "handle_message", spy)
+    handle = rig.pm.visa_handle
+    send = handle.write
+
+    def cut_cable(message: str, *args: Any, **kwargs: Any) -> int:
+        if message == "MEAS:POW":  # into a socket the peer just closed: vanishes
+            return len(message)
+        if message == "FETC?":  # the next command notices the lost link
+            raise pyvisa.errors.VisaIOError(StatusCode.error_connection_lost)
+        return int(send(message, *args, **kwargs))
+
+    monkeypatch.setattr(handle, "write", cut_cable)
+    with pytest.raises(PM100DCommunicationError, match=r"dut: link error .* on 'FETC\?'"):
+        rig.pm.read_power_w()
+    assert rig.pm.ask("*OPC?") == "1"  # on a new link
+    assert received == ["CONF:POW", "ABOR;:STAT:OPER?", "INIT", "*IDN?", "*OPC?"]
+    assert rig.pm.read_power_w() == pytest.approx(1e-3, rel=0.01)
+    assert received[-2:] == ["MEAS:POW", "FETC?"]
 
 
 def test_reconnect_after_a_dropped_link(rig: Rig) -> None:
@@ -270,6 +307,7 @@ def test_reconnect_after_a_dropped_link(rig: Rig) -> None:
     # cable: wait until the mock has executed it
     assert rig.pm.ask("*OPC?") == "1"
     rig.server.faults.drop_connection(refuse_for_s=5.0)
+    time.sleep(0.15)  # see test_reconnect_gives_up_with_a_clear_error
     back = threading.Timer(0.3, rig.server.faults.clear)
     back.start()
     try:
@@ -282,6 +320,10 @@ def test_reconnect_after_a_dropped_link(rig: Rig) -> None:
 
 def test_reconnect_gives_up_with_a_clear_error(rig: Rig) -> None:
     rig.server.faults.drop_connection(refuse_for_s=5.0)
+    # TcpServer's accept loop notices a refusal only between 50 ms accept() polls; a
+    # connect inside that window is accepted and closed, and its probe then waits for the
+    # whole 2 s timeout: let it notice first.
+    time.sleep(0.15)
     with pytest.raises(PM100DError, match="dut: could not reconnect"):
         rig.pm.reconnect(attempts=2, wait_s=0.05)
 
