@@ -44,6 +44,7 @@ from qkdlab.drivers.roles import (
     PolarizationController,
     PowerMeter,
     SafeStateCapable,
+    SinglePhotonDetector,
     TimeTagger,
 )
 from qkdlab.experiments.bb84.sync import DetectorMap
@@ -210,7 +211,11 @@ class CalibrationRoles:
     """The instruments calibration drives, by role.
 
     ``laser_settings`` are laser parameters set (through the driver's validators and
-    ramps) before the light goes on, as in a BB84 run.
+    ramps) before the light goes on, as in a BB84 run.  ``detector_units`` are Bob's
+    detector units, brought to their operating point before anything is counted (a
+    run's safe state leaves their bias ramped down).  ``attenuation_db`` is the
+    station's operating attenuation (``roles: attenuation_db``), used until a ``mu``
+    record gives one (a run's safe state leaves the attenuator at its highest setting).
     """
 
     transmitter: BB84Transmitter
@@ -223,6 +228,8 @@ class CalibrationRoles:
     power_meter: PowerMeter | None = None
     polarization: PolarizationController | None = None
     others: list[SafeStateCapable] = field(default_factory=list)
+    detector_units: dict[str, SinglePhotonDetector] = field(default_factory=dict)
+    attenuation_db: float | None = None
 
     def need(self, *names: str) -> None:
         """Raise :class:`CalibrationError` naming the missing roles among ``names``."""

@@ -101,6 +101,25 @@ class CalibrationContext:
         elif laser.is_on():
             laser.output_off()
 
+    def operating_attenuation_db(self) -> float | None:
+        """Alice's attenuation at the operating point (dB): the latest good ``mu``
+        record's, else the station's (``roles: attenuation_db``), else unknown."""
+        mu = self.latest_good("mu")
+        if mu is not None and "attenuation_db" in mu.settings:
+            return float(mu.settings["attenuation_db"])
+        return self.roles.attenuation_db
+
+    def operating_point(self) -> None:
+        """Bob's detector units and Alice's attenuator to their operating points, as a
+        loop expects to find them (a run's safe state left the bias ramped down and the
+        attenuator at its highest setting).  Idempotent: what is there is only read."""
+        for unit in self.roles.detector_units.values():
+            unit.enable()
+        attenuator, target = self.roles.attenuator, self.operating_attenuation_db()
+        if (attenuator is not None and target is not None
+                and abs(attenuator.get_attenuation_db() - target) > 0.005):
+            attenuator.set_attenuation_db(target)
+
     def use_pattern(self, pattern: Pattern) -> None:
         """Load ``pattern`` into the transmitter (only if it changed) and restart it."""
         tx = self.roles.transmitter

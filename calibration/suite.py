@@ -63,6 +63,7 @@ def _checked(ctx: CalibrationContext,
              check: Callable[[CalibrationRecord], CheckResult]
              ) -> Callable[[CalibrationRecord], CheckResult]:
     def run(record: CalibrationRecord) -> CheckResult:
+        ctx.operating_point()
         apply_record(ctx, record)
         return check(record)
     return run
@@ -70,6 +71,7 @@ def _checked(ctx: CalibrationContext,
 
 def _calibrated(ctx: CalibrationContext, loop: Any) -> Callable[[], CalibrationRecord]:
     def run() -> CalibrationRecord:
+        ctx.operating_point()
         record: CalibrationRecord = loop.run()
         return record
     return run

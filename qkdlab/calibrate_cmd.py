@@ -121,7 +121,9 @@ def calibration_roles(loaded: Any) -> Any:
     used = {id(x) for x in (b.transmitter, b.tagger, b.laser, *extra.values())}
     return CalibrationRoles(transmitter=b.transmitter, tagger=b.tagger, detectors=b.detectors,
                             laser=b.laser, laser_settings=dict(b.laser_settings),
-                            others=[o for o in b.others if id(o) not in used], **extra)
+                            others=[o for o in b.others if id(o) not in used],
+                            detector_units=dict(b.detector_units),
+                            attenuation_db=b.attenuation_db, **extra)
 
 
 def calibration_config(loaded: Any, station: Path, mock: bool, **overrides: Any) -> Any:
