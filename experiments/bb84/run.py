@@ -537,23 +537,25 @@ class _Acquisition:
                 remaining = duration_s - acquired_ps * 1e-12
                 if remaining < MIN_REMAINING_S:
                     return False
-                blocks = _blocks(self.roles.tagger, remaining)
                 failure: Exception | None = None
-                while True:
-                    try:
-                        block = next(blocks)
-                    except StopIteration:
-                        break
-                    except Exception as err:  # the tagger stream failed: policy decides
-                        failure = err
-                        break
-                    self._block(block)
-                    acquired_ps += block.duration_ps
-                    bar.update(round(block.duration_ps * 1e-12, 3))
-                    if stop_requested is not None and stop_requested():
-                        blocks.close()  # ends the tagger's stream cleanly
-                        self._flush_segment()
-                        return True
+                # closed however the loop ends (a fault or an alarm raised from a frame
+                # included): the tagger's stream stops now, not when it is collected
+                with contextlib.closing(_blocks(self.roles.tagger, remaining)) as blocks:
+                    while True:
+                        try:
+                            block = next(blocks)
+                        except StopIteration:
+                            break
+                        except Exception as err:  # the tagger stream failed: policy decides
+                            failure = err
+                            break
+                        self._block(block)
+                        acquired_ps += block.duration_ps
+                        bar.update(round(block.duration_ps * 1e-12, 3))
+                        if stop_requested is not None and stop_requested():
+                            blocks.close()  # ends the tagger's stream cleanly
+                            self._flush_segment()
+                            return True
                 if failure is None:
                     self._flush_segment()
                     return False
