@@ -522,6 +522,16 @@ def _reason(err: BaseException) -> str:
     return line or type(err).__name__
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The error at the bottom of ``err``'s ``raise ... from`` chain (e.g. the refused
+    connection under a driver's communication error)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
 def _init_key_in(station_file: StationFile, name: str, reason: str) -> str | None:
     """The ``init:`` keyword of instrument ``name`` that an error message is about."""
     init = station_file.instruments[name].get("init") or {}
@@ -563,7 +573,7 @@ def connect_instrument(station: Station, station_file: StationFile, name: str,
     finally:
         qcodes_log.removeFilter(warnings)
     if _unanswered_idn(instrument):
-        reason = (_reason(warnings.idn_errors[0]) if warnings.idn_errors
+        reason = (_reason(_root_cause(warnings.idn_errors[0])) if warnings.idn_errors
                   else "no identification")
         station.remove_component(name)
         instrument.close()
