@@ -423,9 +423,9 @@ def test_a_corrupted_block_is_named_by_its_offset(
 @pytest.mark.parametrize(("content", "error"), [
     (lambda raw: b"", r"at byte 0: empty file \(0 bytes\), not a qkdlab raw tag file"),
     (lambda raw: b"instruments:\n  laser: {}\n",
-     r"at byte 0: not a qkdlab raw tag file: it starts with b'instrume', not b'QKDTAGS1'"),
+     r"at byte 0: not a qkdlab raw tag file: it starts with b'instrume', not b'QKDTAGS2'"),
     (lambda raw: raw[:5], r"at byte 5: truncated header: the file ends inside the 8-byte file "
-                          r"marker b'QKDTAGS1'"),
+                          r"marker b'QKDTAGS2'"),
     (lambda raw: raw[:10], r"at byte 10: truncated header: the file ends inside the 4-byte "
                            r"metadata length"),
     (lambda raw: raw[:40], r"at byte 40: truncated header: the file ends 28 bytes into the "

@@ -1,17 +1,25 @@
 """Raw time-tag files: every TagBlock of a run, on disk at full rate, in bounded memory.
 
-Layout (little-endian)::
+Layout (little-endian), format version 2::
 
     file   := header block*
-    header := b"QKDTAGS1" u32:json_len json(utf-8, run metadata)
+    header := b"QKDTAGS2" u32:json_len json(utf-8, run metadata) u32:crc32
     block  := b"BLK1" u32:n i64:start_ps i64:stop_ps u8:overflow u64:lost u32:k
               i64[2k]:overflow_intervals i16[n]:channel i64[n]:time_ps u32:crc32
 
-The CRC covers a block from its ``n`` field to its last time stamp, so a corrupted or
-truncated block is detected and reported with its byte offset; blocks before it stay
-readable.  Writing appends one block per TagBlock and flushes it: a crash leaves
-whole blocks plus at most one truncated tail, which the reader reports (and skips with
+The header's CRC covers ``json_len`` and the metadata, so a flipped byte there is an
+error, never silently different run metadata.  A block's CRC covers it from its ``n``
+field to its last time stamp, so a corrupted or truncated block is detected and
+reported with its byte offset; blocks before it stay readable.  Writing appends one
+block per TagBlock and flushes it: a crash leaves whole blocks plus at most one
+truncated tail, which the reader reports (and skips with
 ``RawTagReader(path).blocks(tolerate_torn_tail=True)``; ``scan()`` counts what is intact).
+
+Versions: the last byte of the file marker is the format version.  The writer writes
+version 2; the reader reads version 2 and version 1 (``b"QKDTAGS1"``: the same without
+the header CRC, written before the header had one; their
+:attr:`RawTagReader.header_checked` is False), and refuses any other version with an
+error naming it (a file from a newer qkdlab).
 """
 
 from __future__ import annotations
@@ -30,7 +38,14 @@ import numpy as np
 
 from qkdlab.tags import TagBlock
 
-MAGIC = b"QKDTAGS1"
+MAGIC_STEM = b"QKDTAGS"
+"""The file marker without its last byte, the format version (an ASCII digit)."""
+FORMAT_VERSION = 2
+MAGIC = MAGIC_STEM + b"2"
+"""File marker of the format written (version 2: header CRC)."""
+MAGIC_V1 = MAGIC_STEM + b"1"
+"""File marker of version 1 (no header CRC): still read."""
+READABLE_VERSIONS = (1, 2)
 BLOCK_MAGIC = b"BLK1"
 _BLOCK_HEAD = struct.Struct("<IqqBQI")
 _CRC = struct.Struct("<I")
@@ -81,8 +96,9 @@ class RawTagWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: BinaryIO = open(self.path, "xb")  # noqa: SIM115 (closed in close())
-        header = json.dumps(metadata, sort_keys=True).encode()
-        self._file.write(MAGIC + struct.pack("<I", len(header)) + header)
+        text = json.dumps(metadata, sort_keys=True).encode()
+        header = struct.pack("<I", len(text)) + text
+        self._file.write(MAGIC + header + _CRC.pack(zlib.crc32(header)))
         self._file.flush()
         self.blocks = 0
         self.tags = 0
@@ -160,10 +176,11 @@ _CHUNK = 1 << 20
 class RawTagReader:
     """Reads a raw tag file block by block (one block in memory at a time).
 
-    The header is read and checked on construction.  Every block is checked (marker,
-    plausible sizes, CRC) before its data is returned, so damaged data never comes
-    back as tags: a damaged block raises :class:`RawTagFileError` naming the file, the
-    byte offset and how much before it is intact.  Reading never writes the file.
+    The header is read and checked (its CRC too, from format version 2 on) on
+    construction.  Every block is checked (marker, plausible sizes, CRC) before its
+    data is returned, so damaged data never comes back as tags: a damaged block raises
+    :class:`RawTagFileError` naming the file, the byte offset and how much before it is
+    intact.  Reading never writes the file.
 
     After a crash the file ends in a *torn* final block (or a zero-filled tail); the
     intact blocks before it stay readable::
@@ -181,11 +198,18 @@ class RawTagReader:
         self.path = Path(path)
         self.damage: RawTagFileError | None = None
         """Damage met by the last :meth:`blocks` (tolerated torn tail) or :meth:`salvage`."""
+        self.version = FORMAT_VERSION
+        """Format version of the file (1: written before the header had a CRC)."""
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self.metadata: dict[str, Any] = self._read_header(f, size)
             self.data_offset = f.tell()
             """Byte offset of the first block."""
+
+    @property
+    def header_checked(self) -> bool:
+        """True if the header's CRC was verified (False for a version 1 file)."""
+        return self.version >= 2
 
     def _header_error(self, offset: int, problem: str) -> RawTagFileError:
         return RawTagFileError(self.path, offset, problem)
@@ -194,13 +218,20 @@ class RawTagReader:
         if size == 0:
             raise self._header_error(0, "empty file (0 bytes), not a qkdlab raw tag file")
         magic = f.read(len(MAGIC))
-        if magic != MAGIC:
+        if magic[: len(MAGIC_STEM)] != MAGIC_STEM or len(magic) < len(MAGIC):
             if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
                 raise self._header_error(
                     len(magic), f"truncated header: the file ends inside the "
                     f"{len(MAGIC)}-byte file marker {MAGIC!r}")
             raise self._header_error(
                 0, f"not a qkdlab raw tag file: it starts with {magic!r}, not {MAGIC!r}")
+        version = magic[len(MAGIC_STEM):]
+        if not version.isdigit() or int(version) not in READABLE_VERSIONS:
+            raise self._header_error(
+                len(MAGIC_STEM), f"unknown raw tag file format version {version!r} (file "
+                f"marker {magic!r}; this version of qkdlab reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: {MAGIC_V1!r}, {MAGIC!r})")
+        self.version = int(version)
         raw_len = f.read(4)
         if len(raw_len) < 4:
             raise self._header_error(
@@ -217,6 +248,14 @@ class RawTagReader:
             raise self._header_error(
                 start + len(text), f"truncated header: the file ends {len(text)} bytes "
                 f"into the {length}-byte run metadata")
+        stored: int | None = None
+        if self.version >= 2:
+            raw_crc = f.read(_CRC.size)
+            if len(raw_crc) < _CRC.size:
+                raise self._header_error(
+                    start + length + len(raw_crc), "truncated header: the file ends inside "
+                    f"the {_CRC.size}-byte header checksum")
+            (stored,) = _CRC.unpack(raw_crc)
         try:
             decoded = text.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -233,6 +272,13 @@ class RawTagReader:
             raise self._header_error(
                 start, f"corrupted header: run metadata is a JSON "
                 f"{type(metadata).__name__}, not an object")
+        if stored is not None:
+            computed = zlib.crc32(text, zlib.crc32(raw_len))
+            if computed != stored:
+                raise self._header_error(
+                    len(MAGIC), f"corrupted header: checksum mismatch over the metadata "
+                    f"length and the {length}-byte run metadata (stored 0x{stored:08x}, "
+                    f"computed 0x{computed:08x})")
         return metadata
 
     # -- blocks -------------------------------------------------------------------------

@@ -5,13 +5,17 @@ A run is one segment unless the tagger stream fails and is retried
 origin, so the timing is found afresh; Alice's pattern restarts at pulse 0 with a
 fresh seed derived from the run's (:func:`segment_seed`: restarting with the same seed
 would repeat her symbols).  Each segment's raw tag file carries that segment's settings
-in its header, so ``qkdlab reprocess`` replays it on its own.  The run's totals are the
-segments' totals merged, pulse indices shifted so that they keep increasing.
+and index in its header; the files of one run sit side by side (:func:`raw_name`), so
+``qkdlab reprocess`` finds them all and replays them in order, as the run processed
+them.  The run's totals are the segments' totals merged, pulse indices shifted so that
+they keep increasing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +36,26 @@ def segment_seed(seed: int, index: int) -> int:
     return ((int(words[0]) << 32) | int(words[1])) & MAX_SEED
 
 
-def raw_path(data_dir: Path, run_id: str, index: int) -> Path:
-    """Raw tag file of segment ``index`` (segment 0 keeps the run's plain name)."""
+def raw_name(run_id: str, index: int) -> str:
+    """File name of segment ``index``'s raw tags (segment 0 keeps the run's plain name)."""
     suffix = "" if index == 0 else f"-s{index}"
-    return data_dir / "raw" / f"bb84-{run_id}{suffix}.qkt"
+    return f"bb84-{run_id}{suffix}.qkt"
+
+
+def raw_path(data_dir: Path, run_id: str, index: int) -> Path:
+    """Raw tag file of segment ``index`` of a run whose data folder is ``data_dir``."""
+    return data_dir / "raw" / raw_name(run_id, index)
+
+
+def later_segment_files(directory: Path, run_id: str) -> dict[int, Path]:
+    """Raw files of segments 1, 2... of run ``run_id`` found in ``directory``, by index."""
+    pattern = re.compile(rf"bb84-{re.escape(run_id)}-s([1-9][0-9]*)\.qkt")
+    found: dict[int, Path] = {}
+    for path in directory.glob(f"bb84-{glob.escape(run_id)}-s*.qkt"):
+        match = pattern.fullmatch(path.name)
+        if match is not None:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
 
 
 @dataclass

@@ -6,9 +6,10 @@ corrupted file (bytes flipped anywhere in the blocks) reads back the blocks befo
 damage, identical, and reports the damaged block's offset: never a block with wrong data.
 Reading never changes the file.
 
-One limit of the file format, not of the reader: the header's JSON metadata has no
-checksum, so a flipped byte inside it that still leaves valid JSON changes the metadata
-silently (:func:`test_header_corruption_never_corrupts_blocks` covers what is checked).
+The header carries a CRC (format version 2): flipped bytes anywhere in it (a burst of
+up to 4 bytes, which CRC-32 always detects) are an error, never other run metadata.
+Version 1 files (no header CRC) still round-trip; a flipped header byte there can only
+change the metadata, never the blocks.  Unknown format versions are refused by name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from hypothesis import strategies as st
 
 from qkdlab.experiments.bb84.rawtags import (
     MAGIC,
+    MAGIC_STEM,
+    MAGIC_V1,
     RawTagFileError,
     RawTagReader,
     RawTagWriter,
@@ -204,15 +208,95 @@ def test_zero_filled_tail_after_a_crash_is_a_torn_tail(
 
 @SETTINGS
 @given(METADATA, st.lists(tag_blocks(), min_size=1, max_size=3), st.data())
-def test_header_corruption_never_corrupts_blocks(
+def test_flipped_header_bytes_are_always_an_error(
         workdir: Path, metadata: dict[str, Any], blocks: list[TagBlock],
         data: st.DataObject) -> None:
-    """A flipped byte in the header: an error, or (inside the JSON text, still valid
-    JSON) other metadata; the blocks are never misread."""
+    """A burst of 1-4 flipped bytes anywhere in the header (marker, length, metadata,
+    CRC): the file is refused, naming it; its run metadata is never read different."""
     path = workdir / "header.qkt"
     offsets = write(path, metadata, blocks)
+    original = RawTagReader(path).metadata
     raw = bytearray(path.read_bytes())
-    pos = data.draw(st.integers(0, offsets[0] - 1), label="pos")
+    start = data.draw(st.integers(0, offsets[0] - 1), label="start")
+    width = data.draw(st.integers(1, min(4, offsets[0] - start)), label="width")
+    for pos in range(start, start + width):
+        raw[pos] ^= data.draw(st.integers(1, 255), label=f"xor@{pos}")
+    path.write_bytes(bytes(raw))
+    before = digest(path)
+    outcome: RawTagFileError | RawTagReader
+    try:
+        outcome = RawTagReader(path)
+    except RawTagFileError as err:
+        outcome = err
+    if isinstance(outcome, RawTagFileError):
+        assert str(path) in str(outcome)
+        assert outcome.block is None  # a header error (a longer length may point past it)
+        assert outcome.offset <= len(raw)
+        assert digest(path) == before
+        return
+    reader = outcome
+    # read at all only if the version byte became b"1" (no header CRC): the metadata is
+    # then the original, and the old CRC where a block should start is refused
+    assert (reader.version, raw[len(MAGIC_STEM)]) == (1, ord("1"))
+    assert reader.metadata == original
+    with pytest.raises(RawTagFileError, match=rf"at byte {offsets[0] - 4} \(block 1\)"):
+        list(reader.blocks())
+    assert digest(path) == before
+
+
+def test_a_version_byte_flipped_to_1_is_caught_at_the_first_block(workdir: Path) -> None:
+    """The one header flip the header CRC cannot see (version 2 read as version 1): the
+    metadata is then the original, and the CRC where version 1 expects a block is not
+    one."""
+    path = workdir / "v2as1.qkt"
+    blocks = [TagBlock(channel=np.array([1, 2], np.int16), time_ps=np.array([5, 9]),
+                       start_ps=0, stop_ps=10)]
+    offsets = write(path, {"run_id": "x", "segment": 0}, blocks)
+    raw = bytearray(path.read_bytes())
+    raw[len(MAGIC_STEM)] = ord("1")
+    path.write_bytes(bytes(raw))
+    reader = RawTagReader(path)
+    assert (reader.version, reader.metadata) == (1, {"run_id": "x", "segment": 0})
+    with pytest.raises(RawTagFileError, match=rf"at byte {offsets[0] - 4} \(block 1\): "
+                                              "corrupted: marker"):
+        list(reader.blocks())
+
+
+def as_version_1(path: Path) -> bytes:
+    """A version-2 file's bytes as version 1 wrote them: no header CRC."""
+    raw = path.read_bytes()
+    start = RawTagReader(path).data_offset
+    return MAGIC_V1 + raw[len(MAGIC): start - 4] + raw[start:]
+
+
+@SETTINGS
+@given(METADATA, st.lists(tag_blocks(), max_size=4))
+def test_version_1_files_still_round_trip_exactly(
+        workdir: Path, metadata: dict[str, Any], blocks: list[TagBlock]) -> None:
+    path = workdir / "v1.qkt"
+    write(path, metadata, blocks)
+    path.write_bytes(as_version_1(path))
+    reader = RawTagReader(path)
+    assert (reader.version, reader.header_checked) == (1, False)
+    assert reader.metadata == json.loads(json.dumps(metadata, sort_keys=True))
+    got = list(reader.blocks())
+    assert len(got) == len(blocks)
+    assert all(same(a, b) for a, b in zip(got, blocks, strict=True))
+    assert reader.scan().complete
+
+
+@SETTINGS
+@given(METADATA, st.lists(tag_blocks(), min_size=1, max_size=3), st.data())
+def test_version_1_header_corruption_never_corrupts_blocks(
+        workdir: Path, metadata: dict[str, Any], blocks: list[TagBlock],
+        data: st.DataObject) -> None:
+    """Version 1 has no header CRC: a flipped byte there is an error or (inside the JSON
+    text, still valid JSON) other metadata; the blocks are never misread."""
+    path = workdir / "header1.qkt"
+    write(path, metadata, blocks)
+    raw = bytearray(as_version_1(path))
+    header_end = raw.index(b"BLK1", len(MAGIC_V1) + 4)
+    pos = data.draw(st.integers(0, header_end - 1), label="pos")
     raw[pos] ^= data.draw(st.integers(1, 255), label="xor")
     path.write_bytes(bytes(raw))
     outcome: RawTagFileError | list[TagBlock]
@@ -224,16 +308,34 @@ def test_header_corruption_never_corrupts_blocks(
         assert str(path) in str(outcome)
         return
     got = outcome
-    assert pos >= len(MAGIC) + 4  # magic and length damage is always caught
+    assert pos >= len(MAGIC) + 4  # marker and length damage is always caught
     assert len(got) == len(blocks)
     assert all(same(a, b) for a, b in zip(got, blocks, strict=True))
+
+
+@SETTINGS
+@given(st.integers(0, 255).filter(lambda b: b not in b"12"), st.binary(max_size=64))
+def test_unknown_format_versions_are_refused_by_name(workdir: Path, version: int,
+                                                     rest: bytes) -> None:
+    path = workdir / "future.qkt"
+    path.write_bytes(MAGIC_STEM + bytes([version]) + rest)
+    with pytest.raises(RawTagFileError, match=rf"at byte 7: unknown raw tag file format "
+                       rf"version {_re_bytes(bytes([version]))} .*reads versions 1, 2"):
+        RawTagReader(path)
+
+
+def _re_bytes(value: bytes) -> str:
+    import re
+
+    return re.escape(repr(value))
 
 
 @SETTINGS
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_only_raw_tag_file_errors(workdir: Path, junk: bytes) -> None:
     path = workdir / "junk.qkt"
-    for content in (junk, MAGIC + junk, _header({"a": 1}) + junk):
+    for content in (junk, MAGIC + junk, MAGIC_V1 + junk, _header({"a": 1}) + junk,
+                    _header({"a": 1}, crc=True) + junk):
         path.write_bytes(content)
         error: RawTagFileError | None = None
         try:
@@ -244,9 +346,13 @@ def test_arbitrary_bytes_raise_only_raw_tag_file_errors(workdir: Path, junk: byt
             assert str(path) in str(error)
             assert error.offset <= len(content)
         else:  # only a header with nothing after it is a valid (empty) file
-            assert content == _header({"a": 1})
+            assert content in (_header({"a": 1}), _header({"a": 1}, crc=True))
 
 
-def _header(metadata: dict[str, Any]) -> bytes:
+def _header(metadata: dict[str, Any], *, crc: bool = False) -> bytes:
+    """A version 1 header (``crc``: version 2, with its CRC), written by hand."""
     text = json.dumps(metadata).encode()
-    return MAGIC + len(text).to_bytes(4, "little") + text
+    body = len(text).to_bytes(4, "little") + text
+    if not crc:
+        return MAGIC_V1 + body
+    return MAGIC + body + zlib.crc32(body).to_bytes(4, "little")
