@@ -5,6 +5,9 @@ Subcommands (more arrive with later features)::
     qkdlab mock serve [--station FILE] [--seed N] [--write-station OUT]
     qkdlab station check FILE [--seed N]
     qkdlab demo [--station FILE] [--seconds S]
+    qkdlab run bb84 (--mock | --station FILE) [...]
+    qkdlab reprocess RUN [--data-dir DIR] [--salvage] [--json]
+    qkdlab runs [--data-dir DIR] [--stale-after S] [--json]
 
 Errors print one line, ``qkdlab: error: ...``, and exit with status 2.
 """
@@ -135,14 +138,29 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_reprocess(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    rep = sub.add_parser("reprocess", help="re-process a BB84 run from its raw tag file")
-    rep.add_argument("run", help="raw tag file, or the run id of a run under --data-dir")
+    rep = sub.add_parser("reprocess", help="re-process a BB84 run from its raw tag files")
+    rep.add_argument("run", help="raw tag file (any segment's: the run's other segments "
+                                 "are found next to it), or the run id of a run under "
+                                 "--data-dir")
     rep.add_argument("--data-dir", type=Path, default=Path("data"))
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--salvage", action="store_true",
                      help="a damaged file (torn tail after a crash, corrupted block): process "
                           "the intact blocks before the damage and say what was lost")
     rep.set_defaults(func=cmd_reprocess)
+
+
+def _add_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    runs = sub.add_parser(
+        "runs", help="list the runs of a data folder with their status; a run whose "
+                     "process died is marked 'died: ...' first")
+    runs.add_argument("--data-dir", type=Path, default=Path("data"),
+                      help="the data folder (its qkdlab.db; default ./data)")
+    runs.add_argument("--stale-after", type=_positive(float, "--stale-after"), default=None,
+                      metavar="S", help="a 'running' run silent for longer than this is "
+                                        "dead (s; default 120)")
+    runs.add_argument("--json", action="store_true", help="print one JSON object")
+    runs.set_defaults(func=cmd_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_run(sub)
     _add_reprocess(sub)
+    _add_runs(sub)
     from qkdlab import calibrate_cmd, parties
     from qkdlab.gui.cli import add_parser as add_gui  # no Qt import until the command runs
 
@@ -243,6 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qkdlab.station import open_station
 
     settings = bb84_settings(args.station, seed=args.seed or 1)
+    mark_orphans(args.data_dir)
     out = sys.stdout  # QCoDeS' notes go to stderr; the tour to stdout
     with contextlib.redirect_stdout(sys.stderr), \
             open_station(args.station, seed=args.seed) as loaded:
@@ -311,6 +331,7 @@ def cmd_run_bb84(args: argparse.Namespace) -> int:
         raise StationError(f"{err} (run 'qkdlab calibrate all', or --calibration warn)"
                            ) from err
     settings = calibration.apply(settings)
+    mark_orphans(args.data_dir)
     # with --json, stdout carries the JSON object only (QCoDeS prints progress notes)
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     from qkdlab.experiments.live import LiveSession
@@ -371,15 +392,24 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
                            ) from err
     est, tot = done.estimate, done.totals
     damage = done.damage
-    if damage is not None:
-        print(f"qkdlab: salvaged {done.blocks} block(s), {done.tags:,} tags (bytes "
-              f"0-{damage.offset} of {path.stat().st_size}); not read: {damage.problem} "
-              f"at byte {damage.offset}", file=sys.stderr)
+    for seg in done.segments:
+        if seg.damage is not None:
+            where = f" in {seg.path}" if len(done.segments) > 1 else ""
+            print(f"qkdlab: salvaged {seg.blocks} block(s), {seg.tags:,} tags (bytes "
+                  f"0-{seg.damage.offset} of {seg.path.stat().st_size}); not read: "
+                  f"{seg.damage.problem} at byte {seg.damage.offset}{where}", file=sys.stderr)
+
+    def damage_of(err: Any) -> dict[str, Any] | None:
+        return None if err is None else {"offset": err.offset, "problem": err.problem,
+                                         "torn_tail": err.torn}
+
     summary = {
         "run_id": done.metadata.get("run_id"), "raw_tags": str(path),
-        "blocks_read": done.blocks, "tags_read": done.tags,
-        "damage": None if damage is None else {
-            "offset": damage.offset, "problem": damage.problem, "torn_tail": damage.torn},
+        "blocks_read": done.blocks, "tags_read": done.tags, "damage": damage_of(damage),
+        "segments": [{"segment": seg.index, "path": str(seg.path), "blocks": seg.blocks,
+                      "tags": seg.tags, "frames": seg.frames,
+                      "damage": damage_of(seg.damage)} for seg in done.segments],
+        "frames": int(tot.frames),
         "pulses": int(tot.pulses), "detections": int(tot.detected.sum()),
         "sifted_bits": int(tot.sifted.sum()), "qber_z": _json_num(est.qber_z),
         "qber_x": _json_num(est.qber_x), "gain_signal": _json_num(est.gains[0]),
@@ -392,7 +422,67 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
+            if key == "segments":
+                value = ", ".join(f"{s['segment']}: {s['frames']} frames" for s in value)
             print(f"  {key:<14} {value}")
+    return 0
+
+
+DATABASE_NAME = "qkdlab.db"
+"""The QCoDeS database of a data folder (as :func:`run_bb84` names it)."""
+
+
+def mark_orphans(data_dir: Path) -> list[tuple[int, str]]:
+    """Mark the runs of ``data_dir`` whose process died (``died: ...``); say so on stderr.
+
+    Housekeeping before a new run: a failure here is logged, never stops the run.
+    """
+    from qkdlab.experiments.bb84.liveness import mark_orphaned_runs
+
+    database = data_dir / DATABASE_NAME
+    if not database.is_file():
+        return []
+    try:
+        marked = mark_orphaned_runs(database)
+    except Exception as err:
+        logging.getLogger(__name__).warning("%s: could not check for runs whose process "
+                                            "died: %s", database, describe_error(err))
+        return []
+    for dataset, reason in marked:
+        print(f"qkdlab: run #{dataset} in {database} never ended ({reason}): "
+              "marked 'died'", file=sys.stderr)
+    return marked
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List a data folder's runs and their status, after marking the dead ones."""
+    import json
+
+    from qkdlab.experiments.bb84.liveness import STALE_AFTER_S, list_runs, mark_orphaned_runs
+
+    database = args.data_dir / DATABASE_NAME
+    if not database.is_file():
+        raise StationError(f"no runs in {args.data_dir}: {database} does not exist "
+                           "(give the data folder of your runs with --data-dir)")
+    stale = STALE_AFTER_S if args.stale_after is None else args.stale_after
+    marked = mark_orphaned_runs(database, stale_after_s=stale)
+    runs = list_runs(database, stale_after_s=stale)
+    if args.json:
+        print(json.dumps({"database": str(database),
+                          "marked": [{"dataset": d, "reason": r} for d, r in marked],
+                          "runs": [vars(run) for run in runs]}))
+        return 0
+    for dataset, reason in marked:
+        print(f"qkdlab: run #{dataset} never ended ({reason}): marked 'died'",
+              file=sys.stderr)
+    print(f"{len(runs)} run(s) in {database}")
+    print(f"  {'#':>4}  {'experiment':<12} {'run id':<13} {'started':<20} status")
+    for run in runs:
+        status = run.status or "-"
+        if run.state == "running" and run.heartbeat_age_s is not None:
+            status += f" (heartbeat {run.heartbeat_age_s:.0f} s ago)"
+        print(f"  {run.dataset:>4}  {run.experiment:<12} {run.run_id or '-':<13} "
+              f"{run.started:<20} {status}")
     return 0
 
 

@@ -10,21 +10,27 @@ time, s) at least every :data:`HEARTBEAT_PERIOD_S` while frames come in.  A read
 
 * it was started on this host and its pid no longer exists, or
 * its heartbeat is older than ``stale_after_s`` (any host; the only test possible for
-  a run on another machine, and the guard against a reused pid).
+  a run on another machine), unless it was started on this host and its process is
+  provably still there: the pid exists and that process started before the run did
+  (Linux ``/proc``; a pid reused by a younger process does not count).  A run that
+  merely stalls (a debugger, a long block at the end) is never marked dead under it.
 
 :func:`mark_orphaned_runs` writes ``died: ...`` into the status of every dead run of a
-database, so that later readers need not repeat the test.
+database, so that later readers need not repeat the test; ``qkdlab run bb84`` does so
+for its data folder before it starts, and ``qkdlab runs`` before it lists the runs
+(:func:`list_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,33 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def process_start_unix(pid: int) -> float | None:
+    """Unix time (s) at which process ``pid`` of this host started; ``None`` where it
+    cannot be told (no such process, no Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    try:
+        ticks = int(fields[19])  # field 22 of proc(5): starttime, clock ticks since boot
+    except (IndexError, ValueError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def same_process_alive(pid: int, started_unix: float) -> bool:
+    """True if ``pid`` exists here and is the process that started at ``started_unix``
+    (it started no later: ``btime`` has a 1 s resolution, hence the slack)."""
+    if not pid_alive(pid):
+        return False
+    start = process_start_unix(pid)
+    return start is not None and math.isfinite(started_unix) and start <= started_unix + 2.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,9 @@ def liveness(metadata: Mapping[str, Any], *, now: float | None = None,
     if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
         return Liveness("dead", status, f"process {pid} on {host} is gone "
                         f"(last heartbeat {_iso(last)})")
+    if (isinstance(pid, int) and host == socket.gethostname()
+            and same_process_alive(pid, started)):
+        return Liveness("running", status)  # maybe stalled, but its process is there
     if not math.isfinite(last):
         return Liveness("dead", status, "no process record and no heartbeat")
     if now - last > stale_after_s:
@@ -109,24 +145,78 @@ def mark_orphaned_runs(database: str | Path, *, stale_after_s: float = STALE_AFT
 
     Datasets of other experiments, and runs that are finished or alive, are left alone.
     """
+    marked: list[tuple[int, str]] = []
+    with _datasets(database) as datasets:
+        for _, dataset in datasets:
+            state = liveness(dataset.metadata, now=now, stale_after_s=stale_after_s)
+            if state.state == "dead":
+                dataset.add_metadata("status", f"died: {state.reason}")
+                marked.append((dataset.run_id, state.reason))
+    return marked
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One dataset of a database, as ``qkdlab runs`` lists it.
+
+    Attributes:
+        dataset: the QCoDeS run id (``#n``).
+        experiment: the QCoDeS experiment (``bb84``, ``calibration``...).
+        run_id: the qkdlab run id (None for datasets that are no BB84 run).
+        started: start time, local, ``YYYY-MM-DD HH:MM:SS`` (QCoDeS' run timestamp).
+        state: :func:`liveness` of its metadata (``finished``, ``running``, ``dead``).
+        status: the stored status (empty for datasets that have none).
+        heartbeat_age_s: seconds since the last heartbeat (None: none recorded).
+    """
+
+    dataset: int
+    experiment: str
+    run_id: str | None
+    started: str
+    state: str
+    status: str
+    heartbeat_age_s: float | None = None
+
+
+def list_runs(database: str | Path, *, stale_after_s: float = STALE_AFTER_S,
+              now: float | None = None) -> list[RunEntry]:
+    """Every dataset of ``database`` in run order, with its status and liveness (read only)."""
+    now = time.time() if now is None else now
+    entries = []
+    with _datasets(database) as datasets:
+        for experiment, dataset in datasets:
+            meta = dataset.metadata
+            try:
+                record = json.loads(str(meta.get("qkdlab_run", "{}")))
+            except json.JSONDecodeError:
+                record = {}
+            run_id = record.get("run_id") if isinstance(record, dict) else None
+            beat = _float(meta.get(HEARTBEAT_KEY))
+            state = liveness(meta, now=now, stale_after_s=stale_after_s)
+            entries.append(RunEntry(
+                dataset=dataset.run_id, experiment=experiment,
+                run_id=run_id if isinstance(run_id, str) else None,
+                started=dataset.run_timestamp() or "", state=state.state, status=state.status,
+                heartbeat_age_s=now - beat if math.isfinite(beat) else None))
+    return sorted(entries, key=lambda e: e.dataset)
+
+
+@contextlib.contextmanager
+def _datasets(database: str | Path) -> Iterator[list[tuple[str, Any]]]:
+    """``(experiment name, dataset)`` of every dataset of a QCoDeS database file, the
+    connection open while the context lasts."""
     from qcodes.dataset import experiments
     from qcodes.dataset.sqlite.database import connect
 
     path = Path(database)
     if not path.is_file():
         raise FileNotFoundError(f"no QCoDeS database at {path}")
-    marked: list[tuple[int, str]] = []
     conn = connect(path)
     try:
-        for experiment in experiments(conn=conn):
-            for dataset in experiment.data_sets():
-                state = liveness(dataset.metadata, now=now, stale_after_s=stale_after_s)
-                if state.state == "dead":
-                    dataset.add_metadata("status", f"died: {state.reason}")
-                    marked.append((dataset.run_id, state.reason))
+        yield [(experiment.name, dataset) for experiment in experiments(conn=conn)
+               for dataset in experiment.data_sets()]
     finally:
         conn.close()
-    return marked
 
 
 def _float(value: Any) -> float:

@@ -5,7 +5,8 @@ at a random point; the parent then checks what a crash must leave behind:
 
 * the QCoDeS dataset opens, every frame in it is whole, its status still says
   ``running`` and :func:`~qkdlab.experiments.bb84.liveness.liveness` calls the run dead
-  (its pid is gone); :func:`mark_orphaned_runs` marks it;
+  (its pid is gone); ``qkdlab runs`` marks it (:func:`mark_orphaned_runs`) and lists it
+  as died;
 * the raw tag file holds whole, checksummed blocks, at most a torn final one (detected
   and reported), and at least every block that became a frame;
 * a run whose status is ``completed`` has whole sifted records (the status is written
@@ -18,6 +19,7 @@ Kill times come from a seeded generator: reproducible, yet spread over the run.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -129,6 +131,17 @@ def frames_written(database: Path) -> int:
         return 0
 
 
+def runs_cli(data_dir: Path) -> dict[str, Any]:
+    """``qkdlab runs --json`` on ``data_dir``: what it marked and lists."""
+    from qkdlab.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["runs", "--data-dir", str(data_dir), "--json"]) == 0
+    listed: dict[str, Any] = json.loads(out.getvalue())
+    return listed
+
+
 def datasets(database: Path) -> list[Any]:
     from qcodes.dataset import experiments
     from qcodes.dataset.sqlite.database import connect
@@ -199,12 +212,14 @@ def test_a_run_killed_mid_acquisition_leaves_readable_consistent_data(tmp_path: 
     check_raw_file(Path(meta["raw_tags"]), frames)
     assert not (tmp_path / "sifted").exists()  # no record, no key from a run that died
     assert not list(tmp_path.glob("keys/*/*.key"))
-    # the orphan is marked once; a finished run is never touched
-    (marked,) = mark_orphaned_runs(database)
-    assert marked[0] == dataset.run_id
-    assert datasets(database)[0].metadata["status"].startswith(
-        f"died: process {child.pid} on ")
+    # 'qkdlab runs' marks the orphan, once, and lists it as died
+    listed = runs_cli(tmp_path)
+    assert [m["dataset"] for m in listed["marked"]] == [dataset.run_id]
+    (entry,) = listed["runs"]
+    assert entry["status"].startswith(f"died: process {child.pid} on ")
+    assert datasets(database)[0].metadata["status"] == entry["status"]
     assert mark_orphaned_runs(database) == []
+    assert runs_cli(tmp_path)["marked"] == []
 
 
 def test_runs_killed_at_random_points_leave_only_whole_results(tmp_path: Path) -> None:
@@ -281,11 +296,18 @@ def test_liveness_tells_finished_live_and_dead_runs_apart() -> None:
     assert liveness(meta("failed: tagger: x", 1, here, None), now=now).state == "finished"
     # this process is alive and beating
     assert liveness(meta("running", os.getpid(), here, now - 1), now=now).state == "running"
-    # alive pid but silent for too long: a reused pid, or a hung run
+    # alive pid but silent for too long, and that process started after the run: the
+    # pid was reused by a younger process
     stale = liveness(meta("running", os.getpid(), here, now - 500), now=now,
                      stale_after_s=120)
     assert stale.state == "dead"
     assert "no heartbeat for 500 s" in stale.reason
+    # the run's own process is still there, only silent (a debugger, a long last block):
+    # not dead, however old its heartbeat
+    real_now = time.time()
+    hung = {"status": "running", "heartbeat": str(real_now - 500), PROCESS_KEY: json.dumps(
+        {"pid": os.getpid(), "host": here, "started_unix": real_now})}
+    assert liveness(hung, now=real_now, stale_after_s=120).state == "running"
     # another host: only the heartbeat can tell
     assert liveness(meta("running", 1, "elsewhere", now - 5), now=now).state == "running"
     assert liveness(meta("running", 1, "elsewhere", now - 500), now=now).state == "dead"
