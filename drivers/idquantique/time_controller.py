@@ -67,7 +67,12 @@ Not documented anywhere found, hence the driver's own choices:
   client stops on a 0-byte message; this driver counts records instead) and checks
   the count against the DLT's ``acquisitions_count`` at the end;
 * **the unit of** ``RAW#:ERRORS?``: reported as ``TagBlock.lost_tags`` (the mock counts
-  lost timestamps; on a real unit treat it as "at least this many error events").
+  lost timestamps; on a real unit treat it as "at least this many error events");
+* **cleanup after a lost link** (``safe_state``, an aborted acquisition): once a command
+  gets no reply, the next ones on that link are not sent, and a link whose last request
+  went unanswered is first probed with a short timeout (:data:`CLEANUP_PROBE_S`), so
+  that a dead link costs one probe rather than a timeout per command; what was not done
+  is logged and kept in ``last_cleanup``.
 
 Addresses: ``tcp://<device-ip>:5555`` for the SCPI port; the DLT endpoint defaults to
 ``tcp://127.0.0.1:6060`` (it runs on the host) and may be given as ``dlt_address`` or
@@ -118,6 +123,10 @@ DEFAULT_DLT_ADDRESS = "tcp://127.0.0.1:6060"
 TIMESTAMP_DTYPE = np.dtype("<u8")
 TIMESTAMP_REF_DTYPE = np.dtype([("timestamp", "<u8"), ("ref_index", "<u8")])
 """Binary formats of manual Table 10: ``<timestamp>`` or ``<timestamp><index>``, uint64."""
+
+CLEANUP_PROBE_S = 0.5
+"""Reply timeout (s) of a cleanup's first command on a link whose last request got no
+reply: enough for a link that came back, short enough that a lost one costs little."""
 
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
@@ -255,6 +264,9 @@ class _ReqLink:
         self._zmq = zmq
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.unanswered: str | None = None
+        """The last request that got no reply within its timeout; None once a reply
+        (any reply) comes: a link whose last request is unanswered may be gone."""
         self._ctx = zmq.Context()
         self._sock: Any = None
         self._monitor: Any = None
@@ -299,11 +311,13 @@ class _ReqLink:
                 self._sock.send(payload, zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.reset()
+                self.unanswered = message
                 return None
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.reset()
+                    self.unanswered = message
                     return None
                 poller = zmq.Poller()
                 poller.register(self._sock, zmq.POLLIN)
@@ -311,6 +325,7 @@ class _ReqLink:
                 ready = dict(poller.poll(max(1, int(remaining * 1000))))
                 if self._sock in ready:
                     reply: bytes = self._sock.recv()
+                    self.unanswered = None
                     return reply
                 if self._monitor in ready:
                     event = recv_monitor_message(self._monitor)
@@ -489,6 +504,31 @@ class IDQTimeControllerInput(InstrumentChannel):
 
 
 @dataclass
+class CleanupReport:
+    """What one cleanup (``safe_state``, or ``abort`` of an interrupted acquisition) did.
+
+    Attributes:
+        what: ``"safe_state"`` or ``"abort"``.
+        done: commands sent and answered, in order.
+        not_done: command -> why not (no reply, rejected, or not sent because its link
+            had just given no reply).
+    """
+
+    what: str
+    done: list[str] = field(default_factory=list)
+    not_done: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when every command was done."""
+        return not self.not_done
+
+    def describe(self) -> str:
+        """One line: every command not done and why."""
+        return "; ".join(f"{cmd}: {why}" for cmd, why in self.not_done.items())
+
+
+@dataclass
 class _Acquisition:
     """Book-keeping of one running timestamp acquisition."""
 
@@ -575,6 +615,8 @@ class IDQTimeController(Instrument):
         self.stream_ports = tuple(stream_ports) if stream_ports is not None else None
         self.timeout_s = timeout
         self.last_stream_stats = StreamStats()
+        self.last_cleanup: CleanupReport | None = None
+        """What the latest :meth:`safe_state` or aborted acquisition did and did not do."""
         self._active: _Acquisition | None = None
         self._link = _ReqLink(self.address, timeout)
         self._dlt: _ReqLink | None = None
@@ -606,12 +648,14 @@ class IDQTimeController(Instrument):
         self.connect_message()
 
     # -- transport -----------------------------------------------------------------
-    def _exchange(self, link: _ReqLink, cmd: str, what: str) -> str:
-        reply = link.request(cmd)
+    def _exchange(self, link: _ReqLink, cmd: str, what: str,
+                  timeout_s: float | None = None) -> str:
+        reply = link.request(cmd, timeout_s)
         if reply is None:
+            wait = link.timeout_s if timeout_s is None else timeout_s
             raise IDQTimeControllerCommunicationError(
                 f"{self.name}: no reply from the {what} at {link.endpoint} to {cmd!r} within "
-                f"{link.timeout_s} s (link reset; check cable, address and device state)")
+                f"{wait:g} s (link reset; check cable, address and device state)")
         try:
             return reply.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -620,7 +664,11 @@ class IDQTimeController(Instrument):
 
     def ask_raw(self, cmd: str) -> str:
         """One SCPI request and its reply (raises on ``SCPI_ERR_`` replies)."""
-        reply = self._exchange(self._link, cmd, "Time Controller").strip()
+        return self._scpi(cmd)
+
+    def _scpi(self, cmd: str, timeout_s: float | None = None) -> str:
+        """One SCPI request, its reply checked; ``timeout_s`` overrides the link's."""
+        reply = self._exchange(self._link, cmd, "Time Controller", timeout_s).strip()
         if "SCPI_ERR_" in reply:
             raise IDQTimeControllerError(f"{self.name}: command {cmd!r} rejected: {reply}")
         if cmd.rstrip().endswith("?") and not reply:
@@ -640,9 +688,12 @@ class IDQTimeController(Instrument):
             self._dlt = _ReqLink(self.dlt_endpoint, self.timeout_s)
         return self._dlt
 
-    def dlt(self, command: str) -> Any:
-        """One DataLinkTarget command (manual §10); its JSON answer."""
-        text = self._exchange(self._dlt_link(), command, "DataLinkTarget")
+    def dlt(self, command: str, timeout_s: float | None = None) -> Any:
+        """One DataLinkTarget command (manual §10); its JSON answer.
+
+        ``timeout_s``: reply timeout of this request (default: the instrument's).
+        """
+        text = self._exchange(self._dlt_link(), command, "DataLinkTarget", timeout_s)
         try:
             answer = json.loads(text) if text.strip() else None
         except json.JSONDecodeError as err:
@@ -756,21 +807,58 @@ class IDQTimeController(Instrument):
         return self._acquisition(records, width, period)
 
     def safe_state(self) -> None:
-        """Stop recording and timestamp transfer; close open DLT acquisitions (never raises)."""
-        steps: list[str] = ["REC:STOP", *(f"RAW{n}:SEND OFF" for n in (1, 2, 3, 4))]
-        for cmd in steps:
-            try:
-                self.write(cmd)
-            except Exception as err:
-                log.warning("%s: safe_state %r failed: %s", self.name, cmd, err)
-        acq = self._active
+        """Stop recording and timestamp transfer; close open DLT acquisitions (never raises).
+
+        After a lost link this costs one short probe, not a timeout per command (see
+        :meth:`_cleanup`); what could not be done is logged and kept in
+        :attr:`last_cleanup`.
+        """
+        steps: list[tuple[str, str]] = [("scpi", "REC:STOP"),
+                                        *(("scpi", f"RAW{n}:SEND OFF") for n in (1, 2, 3, 4))]
+        acq: _Acquisition | None = getattr(self, "_active", None)  # None once closed
         if acq is not None:
-            for ident in list(acq.dlt_ids.values()):
-                try:
-                    self.dlt(f"stop --id {ident}")
-                except Exception as err:
-                    log.warning("%s: safe_state DLT stop %s failed: %s", self.name, ident, err)
+            steps += [("dlt", f"stop --id {ident}") for ident in acq.dlt_ids.values()]
             acq.dlt_ids.clear()
+        self._cleanup("safe_state", steps)
+
+    def _cleanup(self, what: str, steps: Sequence[tuple[str, str]]) -> CleanupReport:
+        """Send cleanup ``steps`` (``("scpi" | "dlt", command)``) in order; never raises.
+
+        A lost link must not cost a full timeout per command: once a step gets no reply,
+        the remaining steps on the same link are not sent; and on a link whose last
+        request already went unanswered the first step waits only
+        :data:`CLEANUP_PROBE_S` (a link that came back answers it, and the cleanup goes
+        on normally).  A rejected or garbled reply proves the link alive: the next steps
+        are still sent.  Every step not done is named, with why, in the log and in the
+        report (also kept as :attr:`last_cleanup`).
+        """
+        report = CleanupReport(what)
+        silent: dict[str, str] = {}  # link -> the step of this cleanup that got no reply
+        for kind, cmd in steps:
+            label = "Time Controller" if kind == "scpi" else "DataLinkTarget"
+            if kind in silent:
+                report.not_done[cmd] = (f"not sent: the {label} gave no reply to "
+                                        f"{silent[kind]!r}")
+                continue
+            link: _ReqLink | None = None
+            try:  # (a closed instrument has no links left: an error like any other)
+                link = self._link if kind == "scpi" else self._dlt_link()
+                probe = (None if link.unanswered is None
+                         else min(link.timeout_s, CLEANUP_PROBE_S))
+                if kind == "scpi":
+                    self._scpi(cmd, probe)
+                else:
+                    self.dlt(cmd, probe)
+            except Exception as err:
+                report.not_done[cmd] = f"{err}" or type(err).__name__
+                if link is not None and link.unanswered == cmd:
+                    silent[kind] = cmd
+                continue
+            report.done.append(cmd)
+        if report.not_done:
+            log.warning("%s: %s incomplete: %s", self.name, what, report.describe())
+        self.last_cleanup = report
+        return report
 
     # -- acquisition machinery -------------------------------------------------------
     def _raw_source(self, channel: int) -> str:
@@ -984,14 +1072,7 @@ class IDQTimeController(Instrument):
 
     def _abort(self, acq: _Acquisition) -> None:
         """Stop an interrupted acquisition (consumer stopped, error); never raises."""
-        for cmd in ("REC:STOP", *(f"RAW{raw}:SEND OFF" for raw in acq.raws)):
-            try:
-                self.write(cmd)
-            except Exception as err:
-                log.warning("%s: %r during abort failed: %s", self.name, cmd, err)
-        for ident in list(acq.dlt_ids.values()):
-            try:
-                self.dlt(f"stop --id {ident}")
-            except Exception as err:
-                log.warning("%s: DLT stop %s during abort failed: %s", self.name, ident, err)
+        steps = [("scpi", "REC:STOP"), *(("scpi", f"RAW{raw}:SEND OFF") for raw in acq.raws),
+                 *(("dlt", f"stop --id {ident}") for ident in acq.dlt_ids.values())]
         acq.dlt_ids.clear()
+        self._cleanup("abort", steps)

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from qkdlab.drivers.idquantique.time_controller import (
+    CLEANUP_PROBE_S,
     IDQTimeController,
     IDQTimeControllerCommunicationError,
     IDQTimeControllerError,
@@ -509,3 +510,127 @@ def test_tagblocks_are_valid(tc: IDQTimeController) -> None:
     blocks = list(tc.stream(0.3))
     assert all(isinstance(b, TagBlock) for b in blocks)
     assert blocks[1].start_ps > blocks[0].stop_ps  # the ≥ 40 ns record gap is visible
+
+
+class RequestLog:
+    """Every SCPI request the driver puts on the wire: (command, timeout override, answered)."""
+
+    def __init__(self, tc: IDQTimeController) -> None:
+        self.sent: list[tuple[str, float | None, bool]] = []
+        self._request = tc._link.request
+        tc._link.request = self
+
+    def __call__(self, message: str, timeout_s: float | None = None) -> bytes | None:
+        reply = self._request(message, timeout_s)
+        self.sent.append((message, timeout_s, reply is not None))
+        return reply
+
+
+SAFE_STATE_SCPI = ["REC:STOP", "RAW1:SEND OFF", "RAW2:SEND OFF", "RAW3:SEND OFF",
+                   "RAW4:SEND OFF"]
+
+
+def test_cleanup_after_a_lost_link_sends_one_short_probe_not_a_timeout_per_command(
+        server: TimeControllerServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 9: with the link gone, abort and safe_state each cost one probe of
+    CLEANUP_PROBE_S (not 5 timeouts), name every command not done, and a link that
+    comes back is used again at once."""
+    tc = IDQTimeController("tc", server.address, timeout=2, tag_channels=(1,))
+    wire = RequestLog(tc)
+    stream = tc.stream()
+    next(stream)
+    (ident,) = server.acquisitions  # the DataLinkTarget's one stream
+    server.faults.drop_connection(refuse_for_s=600)  # refused until cleared
+    wire.sent.clear()
+    with pytest.raises(IDQTimeControllerCommunicationError, match=r"no reply .* within 2 s"):
+        list(stream)
+    # the stream's own query waited its full timeout; the abort then probed once, briefly
+    (failed, *abort) = wire.sent
+    assert failed[1:] == (None, False)
+    assert abort == [("REC:STOP", CLEANUP_PROBE_S, False)]
+    report = tc.last_cleanup
+    assert report is not None
+    assert report.what == "abort"
+    assert list(report.not_done) == ["REC:STOP", "RAW1:SEND OFF"]
+    assert report.not_done["RAW1:SEND OFF"] == ("not sent: the Time Controller gave no reply "
+                                                "to 'REC:STOP'")
+    assert report.done == [f"stop --id {ident}"]  # the DataLinkTarget (on the host) answered
+    assert tc.dlt("list") == []
+
+    wire.sent.clear()
+    caplog.clear()
+    tc.safe_state()  # never raises
+    assert wire.sent == [("REC:STOP", CLEANUP_PROBE_S, False)]
+    report = tc.last_cleanup
+    assert report is not None
+    assert (report.what, report.done, list(report.not_done)) == (
+        "safe_state", [], SAFE_STATE_SCPI)
+    assert "within 0.5 s" in report.not_done["REC:STOP"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("tc: safe_state incomplete: REC:STOP: ")
+    for cmd in SAFE_STATE_SCPI:
+        assert f"{cmd}: " in warning
+
+    # the link is back: the probe is answered and the whole safe state is done
+    server.faults.clear()
+    wire.sent.clear()
+    tc.safe_state()
+    assert [cmd for cmd, _, _ in wire.sent] == SAFE_STATE_SCPI
+    assert wire.sent[0][1] == CLEANUP_PROBE_S  # still a probe: the link had been silent
+    assert all(timeout is None and answered for _, timeout, answered in wire.sent[1:])
+    assert tc.last_cleanup is not None
+    assert tc.last_cleanup.complete
+    assert server.device.run is None
+    assert all(not raw.send for raw in server.device.raws.values())
+    assert len(tc.acquire(0.01)) > 0  # and the instrument works as before
+    tc.close()
+
+
+def test_a_garbled_reply_during_cleanup_proves_the_link_alive(
+        tc: IDQTimeController, server: TimeControllerServer) -> None:
+    wire = RequestLog(tc)
+    server.faults.send_garbage(1)
+    tc.safe_state()
+    # every command was sent with the full timeout; only the garbled one is not done
+    assert wire.sent == [(cmd, None, True) for cmd in SAFE_STATE_SCPI]
+    report = tc.last_cleanup
+    assert report is not None
+    assert list(report.not_done) == ["REC:STOP"]
+    assert "garbage reply" in report.not_done["REC:STOP"]
+    assert report.done == SAFE_STATE_SCPI[1:]
+
+
+def test_a_silent_device_costs_cleanup_one_timeout(
+        tc: IDQTimeController, server: TimeControllerServer) -> None:
+    """A link that is up but silent: the first cleanup command waits its timeout (the
+    link was not known to be silent yet); the rest are not sent."""
+    tc._link.timeout_s = 0.3
+    wire = RequestLog(tc)
+    server.faults.silence()
+    tc.safe_state()
+    assert wire.sent == [("REC:STOP", None, False)]
+    report = tc.last_cleanup
+    assert report is not None
+    assert list(report.not_done) == SAFE_STATE_SCPI
+    assert "within 0.3 s" in report.not_done["REC:STOP"]
+    server.faults.silence(False)
+    tc.safe_state()
+    assert tc.last_cleanup is not None
+    assert tc.last_cleanup.complete
+
+
+def test_cleanup_of_a_closed_instrument_never_raises(server: TimeControllerServer) -> None:
+    """A stream abandoned until after close (its abort runs when it is collected) and a
+    late safe_state: no exception, and every command is named as not done."""
+    tc = IDQTimeController("tc", server.address, timeout=2, tag_channels=(1,))
+    stream = tc.stream()
+    next(stream)
+    tc.close()
+    stream.close()  # the acquisition's abort, on the closed instrument
+    aborted = tc.last_cleanup
+    assert aborted is not None
+    assert (aborted.what, aborted.done) == ("abort", [])
+    assert list(aborted.not_done)[:2] == ["REC:STOP", "RAW1:SEND OFF"]
+    tc.safe_state()
+    assert tc.last_cleanup is not None
+    assert list(tc.last_cleanup.not_done) == SAFE_STATE_SCPI
