@@ -173,11 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_reprocess(sub)
     _add_runs(sub)
-    from qkdlab import calibrate_cmd, parties
+    from qkdlab import auth_pool_cmd, calibrate_cmd, parties
     from qkdlab.gui.cli import add_parser as add_gui  # no Qt import until the command runs
 
     calibrate_cmd.add_parser(sub)
     parties.add_parsers(sub)
+    auth_pool_cmd.add_parser(sub)
     add_gui(sub)
     return parser
 

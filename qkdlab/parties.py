@@ -37,8 +37,8 @@ def cmd_party(args: argparse.Namespace) -> int:
     from qkdlab.experiments.bb84.processing import BB84Settings
     from qkdlab.experiments.bb84.rawtags import RawTagReader
     from qkdlab.experiments.bb84.secure_key import (
+        alice_seed,
         block_id,
-        block_seed,
         load_record,
         parameters,
     )
@@ -56,7 +56,10 @@ def cmd_party(args: argparse.Namespace) -> int:
     for path in (raw, record_path, args.preshared):
         if not path.exists():
             raise StationError(f"{args.party}: {path} does not exist")
-    settings = BB84Settings(**RawTagReader(raw).metadata["settings"])
+    metadata = RawTagReader(raw).metadata
+    settings = BB84Settings(**metadata["settings"])
+    # a simulated bench's run replays its seeded randomness; real hardware's is fresh
+    seeded = bool(metadata.get("seeded_secrets", False))
     params = pipeline.PostProcessingParameters(
         **{**parameters(settings).__dict__, "timeout_s": args.timeout})
     record = load_record(record_path)
@@ -70,7 +73,7 @@ def cmd_party(args: argparse.Namespace) -> int:
         if args.party == "alice":
             outcome = pipeline.alice(channel, record, params,
                                      np.random.default_rng(
-                                         [block_seed(settings.seed, args.block), 1]))
+                                         [alice_seed(settings, args.block, seeded), 1]))
         else:
             outcome = pipeline.bob(channel, record, params)
     finally:

@@ -121,4 +121,6 @@ def bb84_roles(loaded: LoadedStation) -> Any:
                      detectors=DetectorMap(channels),
                      marker_channel=None if marker is None else int(marker), others=others,
                      detector_units={obj.name: obj for obj in spds},
-                     laser_settings={str(k): float(v) for k, v in laser_settings.items()})
+                     laser_settings={str(k): float(v) for k, v in laser_settings.items()},
+                     # instruments the station file launched as mocks: a simulation
+                     seeded_secrets=loaded.launcher is not None)

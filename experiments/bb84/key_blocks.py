@@ -51,10 +51,13 @@ class KeyBlocks:
         run_id: the run; block ids are ``<run_id>-b0000``, ``-b0001``...
         block_bits: sifted key-basis bits per block; ``None``: one block at the end.
         distill: distil the blocks into keys (else only their records are written).
+        seeded_secrets: a simulated bench's reproducible post-processing randomness and
+            bootstrap authentication key (:func:`distill_block`).
     """
 
     def __init__(self, settings: BB84Settings, data_dir: Path, run_id: str,
-                 block_bits: int | None, distill: bool) -> None:
+                 block_bits: int | None, distill: bool, *,
+                 seeded_secrets: bool = False) -> None:
         if block_bits is not None and block_bits < 1:
             raise ValueError(f"key_block_bits must be >= 1 or None, got {block_bits}")
         self.settings = settings
@@ -62,6 +65,7 @@ class KeyBlocks:
         self.run_id = run_id
         self.block_bits = block_bits
         self.distill = distill
+        self.seeded_secrets = seeded_secrets
         self.blocks: list[Distilled] = []
         self.block_files: list[tuple[Path, Path]] = []
         self._pending_key_bits = 0
@@ -123,7 +127,7 @@ class KeyBlocks:
         if not self.distill:
             return None
         return distill_block(alice, bob, self.settings, self.data_dir / "keys", self.run_id,
-                             index)
+                             index, seeded_secrets=self.seeded_secrets)
 
     def _collect(self) -> None:
         if self._inflight is None:

@@ -96,6 +96,12 @@ class BB84Roles:
     attenuation_db: float | None = None
     """The attenuation at which the settings' μ values hold (dB): the ``mu``
     calibration record's, else the station's ``roles: attenuation_db``."""
+    seeded_secrets: bool = False
+    """A simulated bench (mock instruments launched by the station): Alice's
+    post-processing randomness comes from the run seed and a fresh bench's first
+    authentication key is derived from it, so a seeded run is reproducible bit for bit.
+    Otherwise (real hardware) the randomness comes from the OS and the authentication
+    key must be pre-shared (:mod:`~qkdlab.experiments.bb84.secure_key`)."""
 
     def safe_state(self) -> list[str]:
         """Every instrument to its safe state; the failures (never raises).
@@ -358,11 +364,13 @@ def run_bb84(
                    "detector_units": list(roles.detector_units),
                    # set when Alice's record is a pure function of the seed (offline replay)
                    "pattern_algorithm": getattr(roles.transmitter, "pattern_algorithm", None),
+                   "seeded_secrets": roles.seeded_secrets,
                    **(metadata or {})}
     run = _Acquisition(roles, settings, data_dir, run_id, record_meta,
                        FaultPolicy() if fault_policy is None else fault_policy,
                        tuple(monitors), publish, on_frame,
-                       KeyBlocks(settings, data_dir, run_id, key_block_bits, distill_key))
+                       KeyBlocks(settings, data_dir, run_id, key_block_bits, distill_key,
+                                 seeded_secrets=roles.seeded_secrets))
     meas = Measurement(exp=experiment, name="bb84")
     run.register(meas)
 

@@ -4,7 +4,21 @@ Alice's record is her sifted bits with pulse, basis and intensity; Bob's the sam
 without the intensity.  They run :mod:`qkdlab.protocol.pipeline` over an authenticated
 in-process channel (``qkdlab alice`` / ``qkdlab bob`` run them as two processes).  Each
 side's net key goes to its own key store; the authentication key it used is paid back
-into the authentication pool store, from which the next block's pool is drawn.
+into the authentication pool store (``keys/auth_pool``), from which the next block's
+pool is drawn.
+
+Two secrets must not be predictable from anything written before the run:
+
+* **Alice's post-processing randomness** (which bits are test bits, the hash seeds):
+  an Eve who knew the test bits in advance would attack only the others.  It comes
+  from the OS's CSPRNG (:func:`secrets.randbits`), fresh per block.
+* **The first authentication key**: it must be pre-shared (``qkdlab auth-pool add``);
+  without one, a block is aborted with that reason and its sifted records stay on disk
+  for ``qkdlab alice``/``bob`` once a key is in place.
+
+On a simulated bench (``seeded_secrets``: the station launched mock instruments) both
+are derived from the run seed instead, so that a seeded run is reproducible bit for bit;
+such a key authenticates nothing a real adversary could not forge.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +37,7 @@ import numpy as np
 from qkdlab.experiments.bb84.processing import BB84Settings, RunTotals
 from qkdlab.protocol.keystore import KeyStore, KeyStoreError
 from qkdlab.protocol.pipeline import (
+    KEY_BASIS,
     KeyOutcome,
     PostProcessingParameters,
     SiftedRecord,
@@ -59,10 +75,22 @@ def block_id(run_id: str, block: int) -> str:
 
 def block_seed(seed: int, block: int) -> int:
     """Seed of Alice's post-processing randomness (test-bit sampling, hashing seeds) for
-    ``block``: block 0 keeps the run seed; later blocks draw their own."""
+    ``block`` on a simulated bench: block 0 keeps the run seed; later blocks draw their
+    own.  Real hardware uses :func:`fresh_seed` instead."""
     if block == 0:
         return seed
     return int(np.random.SeedSequence([seed, block]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def fresh_seed() -> int:
+    """A seed for Alice's post-processing randomness from the OS's CSPRNG (63 bits)."""
+    return secrets.randbits(63)
+
+
+def alice_seed(settings: BB84Settings, block: int, seeded_secrets: bool) -> int:
+    """Alice's post-processing seed for ``block``: :func:`block_seed` on a simulated
+    bench (reproducible), else :func:`fresh_seed`."""
+    return block_seed(settings.seed, block) if seeded_secrets else fresh_seed()
 
 
 def _records_of(arrays: dict[str, Any]) -> tuple[SiftedRecord, SiftedRecord]:
@@ -155,14 +183,28 @@ def parameters(settings: BB84Settings) -> PostProcessingParameters:
         probabilities=settings.intensity_probs, abort_qber=settings.abort_qber)
 
 
-def authentication_pool(key_dir: Path, seed: int) -> tuple[np.ndarray[Any, Any], str]:
-    """Pre-shared key for this block: from the pool store (refilled by earlier keys) or,
-    on a fresh bench, a bootstrap secret derived from the run seed (mock benches only:
-    it is reproducible, so it authenticates nothing a real adversary could not forge)."""
+class NoAuthenticationKeyError(KeyStoreError):
+    """No pre-shared authentication key left for a block (real hardware)."""
+
+
+def authentication_pool(key_dir: Path, seed: int, *, bootstrap: bool = False,
+                        ) -> tuple[np.ndarray[Any, Any], str]:
+    """Pre-shared key for this block (:data:`POOL_BITS` bits) from the pool store
+    (``keys/auth_pool``: pre-shared, then refilled by earlier keys).
+
+    An empty store raises :class:`NoAuthenticationKeyError`, unless ``bootstrap`` (a
+    simulated bench): then a secret derived from the run seed, reproducible and so
+    authenticating nothing a real adversary could not forge.
+    """
     store = KeyStore(key_dir / "auth_pool")
     try:
         return store.consume(POOL_BITS), "auth-pool store"
-    except KeyStoreError:
+    except KeyStoreError as err:
+        if not bootstrap:
+            raise NoAuthenticationKeyError(
+                f"no pre-shared authentication key: {store.path} holds fewer than "
+                f"{POOL_BITS} bits ({err}); add the same secret on both sides with "
+                "'qkdlab auth-pool add FILE'") from err
         rng = np.random.default_rng([seed, 0xA117])
         return rng.integers(0, 2, POOL_BITS, dtype=np.uint8), "bootstrap (mock, not secret)"
 
@@ -189,23 +231,28 @@ def reconcile_key_stores(key_dir: str | Path) -> list[str]:
     return removed
 
 
-def distill(totals: RunTotals, settings: BB84Settings, key_dir: str | Path, run_id: str,
-            ) -> Distilled:
-    """Post-process a run's sifted bits into stored keys (or an abort reason)."""
-    return distill_block(*records(totals), settings, key_dir, run_id, 0)
-
-
 def distill_block(alice_record: SiftedRecord, bob_record: SiftedRecord,
                   settings: BB84Settings, key_dir: str | Path, run_id: str, block: int,
-                  ) -> Distilled:
+                  *, seeded_secrets: bool = False) -> Distilled:
     """Post-process one key block into stored keys (id :func:`block_id`) or an abort
-    reason.  Each block estimates its own parameters from its own test bits."""
+    reason.  Each block estimates its own parameters from its own test bits.
+
+    ``seeded_secrets``: a simulated bench's reproducible randomness and bootstrap
+    authentication key (module docstring); without, no pre-shared key aborts the block.
+    """
     key_dir = Path(key_dir)
     reconcile_key_stores(key_dir)
     params = parameters(settings)
-    pool, source = authentication_pool(key_dir, settings.seed)
+    try:
+        pool, source = authentication_pool(key_dir, settings.seed, bootstrap=seeded_secrets)
+    except NoAuthenticationKeyError as err:
+        log.warning("key block %s: %s", block_id(run_id, block), err)
+        aborted = KeyOutcome(aborted=True, reason=str(err),
+                             sifted_key_bits=int(np.sum(alice_record.basis == KEY_BASIS)))
+        return Distilled(alice=aborted, bob=aborted, alice_key_file=None,
+                         bob_key_file=None, pool_source="none", keys_match=False)
     a, b = postprocess_in_process(alice_record, bob_record, params, pool,
-                                  block_seed(settings.seed, block))
+                                  alice_seed(settings, block, seeded_secrets))
     files: list[str | None] = [None, None]
     match = a.key is not None and b.key is not None and bool(np.array_equal(a.key, b.key))
     if not a.aborted and not b.aborted and a.key is not None and b.key is not None:
