@@ -214,6 +214,12 @@ class ReconnectingVisaLink:
             raise self.communication_error_cls(
                 f"{self.full_name}: link lost on {cmd!r}: {err}") from err
 
+    def ensure_link(self, before: str) -> None:
+        """Re-establish the link now if the last failure left it unproven (as the next
+        command would), e.g. before a sequence that watches :attr:`_link_generation`."""
+        if self._link_unproven:
+            self._reestablish_before(before)
+
     def _reestablish_before(self, cmd: str) -> None:
         """Reopen and prove the link before ``cmd`` after a failure: by :meth:`reconnect`
         if the driver retries, else in a single attempt."""

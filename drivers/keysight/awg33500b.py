@@ -668,6 +668,9 @@ class Keysight33500BPattern(ReconnectingVisaLink, Keysight33522B):
         plan = self.plan(levels_v, symbols, rate_hz, arb_filter=arb_filter,
                          samples_per_symbol=samples_per_symbol)
         self.pattern = None
+        # a link left unproven by an earlier failure is re-established first, so that
+        # its new generation is not mistaken for a drop during the upload
+        self.ensure_link(before="load_pattern")
         # A write into a link the peer has just closed is lost without an error; only the
         # next query notices.  If the link was re-established while the sequence ran,
         # part of it may be missing: send the whole (idempotent) sequence once more.
@@ -775,13 +778,26 @@ class Keysight33500BPattern(ReconnectingVisaLink, Keysight33522B):
                 parameter.cache.invalidate()
 
     def read_errors(self) -> list[tuple[int, str]]:
-        """Empty the error queue: every ``(code, message)`` read, oldest first."""
+        """Empty the error queue: every ``(code, message)`` read, oldest first.
+
+        ``SYST:ERR?`` removes the entry it reports, so a reply lost with a dropped link
+        (the query is then resent on a new link) loses that entry: a read that spanned
+        a reconnect raises :class:`Keysight33500BCommunicationError` saying so, rather
+        than report a queue that may be missing an error.
+        """
+        self.ensure_link(before="SYSTem:ERRor?")
+        generation = self._link_generation
         try:
             errors, _ = drain_error_queue(self.ask, "SYSTem:ERRor?", self.ERROR_QUEUE_MAX)
         except MalformedErrorReplyError as err:
             raise Keysight33500BError(
                 f"{self.full_name}: reply {err.reply!r} to 'SYSTem:ERRor?' is not an error entry"
             ) from None
+        if self._link_generation != generation:
+            read = "; ".join(f"{code},{message!r}" for code, message in errors) or "none"
+            raise Keysight33500BCommunicationError(
+                f"{self.full_name}: the link was re-established while the error queue was "
+                f"read; an entry may have been lost with it (read: {read})")
         return errors
 
     def check_errors(self, context: str = "") -> None:

@@ -653,3 +653,38 @@ def test_pyvisa_sim_model() -> None:
     assert awg.catalog() == ["INT:\\BUILTIN\\EXP_RISE.ARB"]
     awg.write("SOURce1:FREQuency 9e9")  # outside the sim's range: queued error
     assert awg.read_errors() == [(-100, "Command error")]
+
+
+def test_a_pattern_after_an_unrecovered_failure_is_uploaded_once(
+        awg: Keysight33500BPattern, server: BlockScpiServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    awg.timeout(0.3)
+    awg.reconnect_timeout_s = 0.1
+    server.faults.drop_connection(refuse_for_s=0.6)
+    with pytest.raises(Keysight33500BCommunicationError, match="could not reconnect"):
+        awg.ch1.frequency()  # the link stays down longer than the driver waits
+    server.faults.clear()
+    sends: list[int] = []
+    real_send = awg._send_pattern
+
+    def counted(*args: Any) -> None:
+        sends.append(1)
+        real_send(*args)
+
+    monkeypatch.setattr(awg, "_send_pattern", counted)
+    awg.reconnect_timeout_s = 3.0
+    awg.load_pattern(LEVELS, RNG_SYMBOLS[:64], 1e6)
+    # the new link was proven before the upload: not mistaken for a drop during it
+    assert len(sends) == 1
+    assert awg.catalog()[-1] == "QKDPAT"
+
+
+def test_an_error_queue_read_across_a_reconnect_says_an_entry_may_be_lost(
+        awg: Keysight33500BPattern, server: BlockScpiServer) -> None:
+    awg.timeout(0.3)
+    awg.write("SOURce1:BOGUS 1")  # queues -113, "Undefined header"
+    assert awg.ask("*OPC?") == "1"
+    server.faults.drop_connection(refuse_for_s=0.1)
+    with pytest.raises(Keysight33500BCommunicationError,
+                       match=r"error queue was read; an entry may have been lost"):
+        awg.read_errors()
