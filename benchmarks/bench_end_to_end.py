@@ -36,16 +36,11 @@ import tempfile
 import time
 from typing import Any
 
-from qkdlab.cli import DEFAULT_MOCK_STATION, bb84_settings
+from qkdlab.cli import DEFAULT_MOCK_STATION
 from qkdlab.experiments.bb84.run import BB84Result, run_bb84
 from qkdlab.mock_instruments.bench import config_from_mapping
 from qkdlab.mock_instruments.bench.config import BenchConfig
-from qkdlab.mock_instruments.bench.optics import (
-    channel_transmission,
-    db_to_transmission,
-    mean_photon_numbers,
-    modulator_visibility,
-)
+from qkdlab.mock_instruments.bench.optics import mean_photon_numbers
 from qkdlab.protocol.finite_key import (
     expected_ec_leakage,
     expected_statistics_passive,
@@ -54,70 +49,20 @@ from qkdlab.protocol.finite_key import (
 from qkdlab.protocol.keyrate import decoy_bb84_rate
 from qkdlab.roles import bb84_roles
 from qkdlab.station import open_station
+from qkdlab.testing import scenarios
+from qkdlab.testing.scenarios import LENGTH_KM, MISALIGNMENT, P_Z, REP_RATE_HZ
 
 Row = dict[str, Any]
 
 DURATION_S = float(os.environ.get("QKDLAB_E2E_DURATION_S", "4.0"))
-REP_RATE_HZ = 80e6
-MU_SIGNAL = 0.1
-DECOY_RATIO = 0.5  # μ2/μ1: at μ1 = 0.1 a decoy of μ1/5 leaves s_1 too loose for seconds-long blocks
-PROBABILITIES = (0.5, 0.3, 0.2)  # signal, decoy, vacuum
-P_Z = 0.8  # Alice's key-basis probability; Bob's passive splitter sends 80 % to Z
-LENGTH_KM = 1.0
-MISALIGNMENT = 0.015
-# fast detectors (recovery below one 12.5 ns period, no afterpulsing): the light-load
-# regime the model describes; the station's InGaAs (1 µs hold-off) would lose ~25 %
-DETECTORS = {"efficiency": 0.2, "dark_count_cps": 200.0, "dead_time_s": 10e-9,
-             "afterpulse_prob": 0.0}
-
-
-def _decoy_drive_v(cfg: BenchConfig, ratio: float) -> float:
-    """Modulator drive (V) giving T(V)/T(0) = ``ratio`` at bias 0, φ = 0."""
-    a = cfg.alice
-    v = modulator_visibility(a.extinction_ratio_db)
-    return math.acos((ratio * (1 + v) - 1) / v) * a.v_pi_v / math.pi
-
-
-def bench_overrides(length_km: float = LENGTH_KM) -> dict[str, Any]:
-    """Mock-bench overrides for the scenario: rate, intensities, fibre, Bob's detectors."""
-    over: dict[str, Any] = {
-        "alice": {"rep_rate_hz": REP_RATE_HZ,
-                  "pattern": {"p_z": P_Z, "p_signal": PROBABILITIES[0],
-                              "p_decoy": PROBABILITIES[1],
-                              "p_vacuum": 1 - PROBABILITIES[0] - PROBABILITIES[1]}},
-        "channel": {"length_km": length_km},
-        "bob": {"z_fraction": P_Z, "misalignment": MISALIGNMENT, "detectors": DETECTORS},
-    }
-    cfg = config_from_mapping(over)
-    drive = list(cfg.alice.drive_v)
-    drive[1] = _decoy_drive_v(cfg, DECOY_RATIO)
-    mu_now = float(mean_photon_numbers(cfg.alice, 0.0)[0])
-    over["alice"]["drive_v"] = drive
-    over["alice"]["attenuation_db"] = cfg.alice.attenuation_db + 10 * math.log10(
-        mu_now / MU_SIGNAL)
-    return over
-
-
-def scenario_parameters(cfg: BenchConfig, acceptance_ps: float) -> dict[str, Any]:
-    """The model's inputs for a bench configuration (the laser on at its operating point)."""
-    eta = (channel_transmission(cfg.channel) * db_to_transmission(cfg.bob.optics_loss_db)
-           * cfg.bob.detectors[0].efficiency)
-    dark = -math.expm1(-cfg.bob.detectors[0].dark_count_cps * acceptance_ps * 1e-12)
-    mus = tuple(float(x) for x in mean_photon_numbers(cfg.alice, cfg.alice.im_phase_rad))
-    return {"mus": mus, "eta": eta, "dark_count": dark, "p_key": cfg.alice.pattern.p_z,
-            "key_fraction": cfg.bob.z_fraction, "misalignment": cfg.bob.misalignment,
-            "probabilities": cfg.alice.pattern.intensity_probs}
 
 
 def end_to_end(duration_s: float = DURATION_S, seed: int = 5) -> dict[str, Any]:
     """One mock run of the scenario; its figures, wall times and the model's prediction."""
-    over = bench_overrides()
+    over = scenarios.bench_overrides()
     cfg = config_from_mapping(over)
     mus = tuple(float(x) for x in mean_photon_numbers(cfg.alice, 0.0))
-    settings = bb84_settings(DEFAULT_MOCK_STATION, seed=seed, rep_rate_hz=REP_RATE_HZ,
-                             p_z=P_Z, p_signal=PROBABILITIES[0], p_decoy=PROBABILITIES[1],
-                             mu_signal=mus[0], mu_decoy=mus[1], mu_vacuum=mus[2],
-                             use_sync_channel=False)
+    settings = scenarios.settings(DEFAULT_MOCK_STATION, seed)
     marks: list[tuple[float, float]] = []  # (wall, CPU) after each frame
     live: list[BenchConfig] = []
 
@@ -152,30 +97,24 @@ def _figures(result: BB84Result, cfg: BenchConfig, acceptance_ps: float) -> dict
     finite = result.key.alice.finite
     if finite is None:
         raise RuntimeError(f"no finite-key result: {s['abort_reason']}")
-    p = scenario_parameters(cfg, acceptance_ps)
-    model = secure_key_length(
-        expected_statistics_passive(result.totals.pulses, p["mus"], p["probabilities"],
-                                    transmittance=p["eta"], p_key=p["p_key"],
-                                    key_fraction=p["key_fraction"],
-                                    dark_count=p["dark_count"],
-                                    misalignment=p["misalignment"]),
-        p["mus"], p["probabilities"], finite.lambda_ec)
+    p = scenarios.model_of(cfg, result.totals.pulses, acceptance_ps)
+    model = secure_key_length(p.stats(), p.mus, p.probabilities, finite.lambda_ec)
     return {"summary": s, "finite": finite, "model": model, "params": p,
             "duration_s": result.duration_s, "det": cfg.bob.detectors[0]}
 
 
 def scenario_text(fig: dict[str, Any]) -> str:
     s, p, det = fig["summary"], fig["params"], fig["det"]
-    mus = ", ".join(f"{m:.4g}" for m in p["mus"])
-    probs = ", ".join(f"{x:g}" for x in p["probabilities"])
+    mus = ", ".join(f"{m:.4g}" for m in p.mus)
+    probs = ", ".join(f"{x:g}" for x in p.probabilities)
     lines = [
         "end-to-end BB84 on the mock station (ID1000 tagger, qubit-based sync)",
         f"  source            {REP_RATE_HZ / 1e6:g} MHz, mu (signal, decoy, vacuum) = {mus}, "
-        f"p = {probs}, p_Z = {p['p_key']:g}",
+        f"p = {probs}, p_Z = {p.p_key:g}",
         f"  channel           {LENGTH_KM:g} km x 0.2 dB/km, Bob optics 1 dB, e_mis "
-        f"{p['misalignment']:.1%}, eta total {p['eta']:.4f}",
+        f"{p.misalignment:.1%}, eta total {p.eta:.4f}",
         f"  detectors         4 x eff {det.efficiency:.0%}, dark {det.dark_count_cps:g} cps "
-        f"({p['dark_count']:.2g} per window), dead time {det.dead_time_s * 1e9:g} ns, "
+        f"({p.dark:.2g} per window), dead time {det.dead_time_s * 1e9:g} ns, "
         f"afterpulse {det.afterpulse_prob:g}",
         f"  duration          {fig['duration_s']:.3f} s ({s['pulses']:,} pulses), "
         f"{s['detections']:,} detections",

@@ -23,21 +23,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from qkdlab.cli import DEFAULT_MOCK_STATION, bb84_settings
+from qkdlab.cli import DEFAULT_MOCK_STATION
 from qkdlab.experiments.bb84.run import BB84Result, run_bb84
 from qkdlab.mock_instruments.bench import config_from_mapping
 from qkdlab.mock_instruments.bench.config import BenchConfig
-from qkdlab.mock_instruments.bench.optics import (
-    channel_transmission,
-    db_to_transmission,
-    mean_photon_numbers,
-    modulator_visibility,
-)
+from qkdlab.mock_instruments.bench.optics import mean_photon_numbers
 from qkdlab.protocol.bits import binary_entropy
 from qkdlab.protocol.finite_key import (
     DecoyStatistics,
@@ -50,54 +44,11 @@ from qkdlab.protocol.finite_key import (
 )
 from qkdlab.roles import bb84_roles
 from qkdlab.station import open_station
+from qkdlab.testing import scenarios
+from qkdlab.testing.scenarios import Model, model_of
 
-REP_RATE_HZ = 80e6
-PROBABILITIES = (0.5, 0.3, 0.2)
-P_Z = 0.8
 SIGMAS = 5.0
 DURATION_S = 1.5  # long enough for a finite key well clear of the finite-size cliff
-OVERRIDES: dict[str, Any] = {
-    "alice": {"rep_rate_hz": REP_RATE_HZ,
-              "pattern": {"p_z": P_Z, "p_signal": 0.5, "p_decoy": 0.3, "p_vacuum": 0.2}},
-    "channel": {"length_km": 1.0},
-    "bob": {"z_fraction": P_Z, "misalignment": 0.015,
-            "detectors": {"efficiency": 0.2, "dark_count_cps": 200.0, "dead_time_s": 10e-9,
-                          "afterpulse_prob": 0.0}},
-}
-
-
-def scenario_overrides() -> dict[str, Any]:
-    """μ_signal = 0.1 (VOA, to its 0.01 dB setpoint resolution) and μ_decoy = μ_signal/2
-    (modulator drive) at 80 MHz."""
-    cfg = config_from_mapping(OVERRIDES)
-    vis = modulator_visibility(cfg.alice.extinction_ratio_db)
-    drive = list(cfg.alice.drive_v)
-    drive[1] = math.acos((0.5 * (1 + vis) - 1) / vis) * cfg.alice.v_pi_v / math.pi
-    mu_now = float(mean_photon_numbers(cfg.alice, 0.0)[0])
-    alice = {**OVERRIDES["alice"], "drive_v": drive,
-             "attenuation_db": round(cfg.alice.attenuation_db
-                                     + 10 * math.log10(mu_now / 0.1), 2)}
-    return {**OVERRIDES, "alice": alice}
-
-
-@dataclass
-class Model:
-    """The bench's parameters as the model sees them, and its expected counts."""
-
-    mus: tuple[float, float, float]
-    probabilities: tuple[float, float, float]
-    p_key: float
-    eta: float
-    dark: float
-    misalignment: float
-    key_fraction: float
-    pulses: int
-
-    def stats(self, eta_scale: float = 1.0) -> DecoyStatistics:
-        return expected_statistics_passive(
-            self.pulses, self.mus, self.probabilities, transmittance=self.eta * eta_scale,
-            p_key=self.p_key, key_fraction=self.key_fraction, dark_count=self.dark,
-            misalignment=self.misalignment)
 
 
 @dataclass
@@ -108,28 +59,11 @@ class Run:
     model: Model
 
 
-def model_of(cfg: BenchConfig, pulses: int, acceptance_ps: float) -> Model:
-    det = cfg.bob.detectors[0]
-    assert all(d == det for d in cfg.bob.detectors)
-    eta = (channel_transmission(cfg.channel) * db_to_transmission(cfg.bob.optics_loss_db)
-           * det.efficiency)
-    mus = mean_photon_numbers(cfg.alice, cfg.alice.im_phase_rad)
-    return Model(mus=(float(mus[0]), float(mus[1]), float(mus[2])),
-                 probabilities=cfg.alice.pattern.intensity_probs, p_key=cfg.alice.pattern.p_z,
-                 eta=eta,
-                 dark=-math.expm1(-det.dark_count_cps * acceptance_ps * 1e-12),
-                 misalignment=cfg.bob.misalignment, key_fraction=cfg.bob.z_fraction,
-                 pulses=pulses)
-
-
 def mock_run(data_dir: Path, bench_seed: int = 13, seed: int = 21) -> Run:
     """One run of the scenario through the real path, and the model of its bench."""
-    over = scenario_overrides()
+    over = scenarios.bench_overrides()
     mus = mean_photon_numbers(config_from_mapping(over).alice, 0.0)
-    settings = bb84_settings(DEFAULT_MOCK_STATION, seed=seed, rep_rate_hz=REP_RATE_HZ,
-                             p_z=P_Z, p_signal=PROBABILITIES[0], p_decoy=PROBABILITIES[1],
-                             mu_signal=float(mus[0]), mu_decoy=float(mus[1]),
-                             mu_vacuum=float(mus[2]), use_sync_channel=False)
+    settings = scenarios.settings(DEFAULT_MOCK_STATION, seed)
     seen: list[BenchConfig] = []
     with open_station(DEFAULT_MOCK_STATION, seed=bench_seed, bench_overrides=over) as loaded:
         bench = loaded.launcher.bench  # type: ignore[union-attr]
