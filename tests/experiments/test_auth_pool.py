@@ -14,25 +14,15 @@ from qkdlab.cli import DEFAULT_MOCK_STATION, main
 from qkdlab.experiments.bb84.processing import BB84Settings
 from qkdlab.experiments.bb84.secure_key import POOL_BITS, distill_block
 from qkdlab.protocol.keystore import KeyStore
-from qkdlab.protocol.pipeline import SiftedRecord
 from qkdlab.roles import bb84_roles
 from qkdlab.station import open_station
+from qkdlab.testing.records import sifted_records
 
+# large enough that the key always repays its authentication (at 400 000 records
+# about one block in twelve did not, with fresh randomness)
+RECORDS = sifted_records(1_500_000, 0.02, 4)
 SETTINGS = BB84Settings(mu_signal=0.5, mu_decoy=0.1, mu_vacuum=0.0, p_signal=0.7,
                         p_decoy=0.2, seed=11)
-
-
-def records(n: int = 400_000, qber: float = 0.02, seed: int = 4
-            ) -> tuple[SiftedRecord, SiftedRecord]:
-    """Synthetic sifted records: balanced bases, the settings' intensity classes, and
-    Bob's bits flipped with probability ``qber``."""
-    rng = np.random.default_rng(seed)
-    pulse = np.sort(rng.choice(50 * n, n, replace=False)).astype(np.int64)
-    basis = rng.integers(0, 2, n).astype(np.int8)
-    intensity = rng.choice(3, n, p=[0.85, 0.13, 0.02]).astype(np.int8)
-    alice = rng.integers(0, 2, n).astype(np.uint8)
-    bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
-    return SiftedRecord(pulse, basis, alice, intensity), SiftedRecord(pulse, basis, bob)
 
 
 def preshare(data_dir: Path, n_bytes: int = 2 * POOL_BITS // 8, seed: int = 9) -> None:
@@ -48,7 +38,7 @@ def stored(data_dir: Path, side: str) -> list[np.ndarray]:
 
 
 def test_real_hardware_without_a_preshared_key_gives_no_key(tmp_path: Path) -> None:
-    done = distill_block(*records(), SETTINGS, tmp_path / "keys", "run1", 0)
+    done = distill_block(*RECORDS, SETTINGS, tmp_path / "keys", "run1", 0)
     for outcome in (done.alice, done.bob):
         assert outcome.aborted
         assert outcome.reason is not None
@@ -64,7 +54,7 @@ def test_real_hardware_draws_fresh_randomness_for_every_block(tmp_path: Path) ->
     for attempt in ("a", "b"):  # the same records, the same pre-shared key
         data_dir = tmp_path / attempt
         preshare(data_dir)
-        done = distill_block(*records(), SETTINGS, data_dir / "keys", "run1", 0)
+        done = distill_block(*RECORDS, SETTINGS, data_dir / "keys", "run1", 0)
         assert not done.alice.aborted, done.alice.reason
         assert done.keys_match
         assert done.pool_source == "auth-pool store"
@@ -79,7 +69,7 @@ def test_a_simulated_bench_is_reproducible(tmp_path: Path) -> None:
     keys = []
     for attempt in ("a", "b"):
         data_dir = tmp_path / attempt
-        done = distill_block(*records(), SETTINGS, data_dir / "keys", "run1", 0,
+        done = distill_block(*RECORDS, SETTINGS, data_dir / "keys", "run1", 0,
                              seeded_secrets=True)
         assert done.keys_match
         assert done.pool_source == "bootstrap (mock, not secret)"
@@ -108,7 +98,7 @@ def test_auth_pool_cli_adds_shows_and_refuses_a_short_secret(
     shown = json.loads(capsys.readouterr().out)
     assert (shown["available_bits"], shown["blocks"]) == (3 * POOL_BITS, 3)
     # a block draws its pool from the store and pays back what it used
-    done = distill_block(*records(), SETTINGS, tmp_path / "keys", "run1", 0)
+    done = distill_block(*RECORDS, SETTINGS, tmp_path / "keys", "run1", 0)
     assert done.keys_match
     assert main(["auth-pool", "show", "--data-dir", str(tmp_path), "--json"]) == 0
     after = json.loads(capsys.readouterr().out)["available_bits"]

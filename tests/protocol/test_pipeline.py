@@ -9,26 +9,11 @@ import numpy as np
 import pytest
 
 from qkdlab.protocol import pipeline
-from qkdlab.protocol.pipeline import (
-    PostProcessingParameters,
-    SiftedRecord,
-    postprocess_in_process,
-)
+from qkdlab.protocol.pipeline import PostProcessingParameters, postprocess_in_process
+from qkdlab.testing.records import sifted_records as records
 
 PARAMS = PostProcessingParameters(intensities=(0.5, 0.1, 0.0), probabilities=(0.7, 0.2, 0.1),
                                   timeout_s=20.0)
-
-
-def records(n: int, qber: float, seed: int) -> tuple[SiftedRecord, SiftedRecord]:
-    """Synthetic sifted records: balanced bases, the station's intensity classes, and
-    Bob's bits flipped with probability ``qber``."""
-    rng = np.random.default_rng(seed)
-    pulse = np.sort(rng.choice(50 * n, n, replace=False)).astype(np.int64)
-    basis = rng.integers(0, 2, n).astype(np.int8)
-    intensity = rng.choice(3, n, p=[0.85, 0.13, 0.02]).astype(np.int8)
-    alice = rng.integers(0, 2, n).astype(np.uint8)
-    bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
-    return (SiftedRecord(pulse, basis, alice, intensity), SiftedRecord(pulse, basis, bob))
 
 
 def test_alice_never_asks_for_more_key_than_the_block_holds(
