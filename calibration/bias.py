@@ -15,7 +15,9 @@ Calibration (the ``bias`` node):
    scan around the working point measures ψ: the lock's reference.
 
 Lock (:class:`BiasLock`), for a run to call between frames: two readings at V ∓ d
-(δ = π·d/Vπ) give u = (P₋ − P₊)/(P₋ + P₊) = D·sin x·sin δ/(1 + D·cos x·cos δ), with D
+(δ = π·d/Vπ), each less the calibration's background (the probe's reading without
+light, as the fit's readings were), give
+u = (P₋ − P₊)/(P₋ + P₊) = D·sin x·sin δ/(1 + D·cos x·cos δ), with D
 the mixed curve's modulation depth from the calibration, hence its present phase x
 (u = 0 exactly at x = 0, so an error in D only changes the loop gain); the
 signal-class phase error is θ = x − ψ and the bias moves by −θ·Vπ/π (bounded per
@@ -249,7 +251,9 @@ class BiasLock:
         modulator: the IntensityModulator role.
         probe: reading proportional to the light after the modulator (power meter; a
             count probe needs the tagger, so not during a streaming run).
-        record: the ``bias`` calibration (Vπ, working point, lock offset ψ).
+        record: the ``bias`` calibration (Vπ, working point, lock offset ψ, and the
+            probe's ``background`` reading without light, subtracted from every reading;
+            0 when the record has none).
         limits_v: hard bias limits (V); margin_v: kept inside them.
         dither_rad: dither δ of the three-point phase measurement (rad).
         gain: fraction of the measured error corrected per step (0: measure only).
@@ -263,6 +267,10 @@ class BiasLock:
         self.probe = probe
         self.v_pi = record.value("v_pi_v")
         self.psi = record.value("lock_offset_rad")
+        self.background = float(record.settings.get("background", 0.0))
+        if not math.isfinite(self.background):
+            raise CalibrationError(f"bias record {record.id}: background "
+                                   f"{self.background} is not a finite reading")
         self.depth = record.value("mixed_depth")
         if not 0 < self.depth <= 1:
             raise CalibrationError(f"bias record {record.id}: mixed-pattern depth "
@@ -288,13 +296,13 @@ class BiasLock:
         """Signal-class phase error θ (rad) at bias ``centre_v`` (two readings, V ∓ d)."""
         d = self.dither_v
         self._set(centre_v - d)
-        p_minus = self.probe()
+        p_minus = self.probe() - self.background
         self._set(centre_v + d)
-        p_plus = self.probe()
+        p_plus = self.probe() - self.background
         self._set(centre_v)
         total = p_minus + p_plus
         if not total > 0:
-            raise CalibrationError("bias lock: no light at the probe")
+            raise CalibrationError("bias lock: no light at the probe above its background")
         u = (p_minus - p_plus) / total
         delta = math.pi * d / self.v_pi
         # u·(1 + D cos δ cos x) = D sin δ sin x  →  R·sin(x − β) = u

@@ -3,7 +3,7 @@
 The lock's three-point phase measurement is a ratio of readings; ψ and the depth D it
 uses were fitted to background-subtracted readings, so the lock must subtract the same
 background.  A power meter reading pW of light on a 200 pW offset is the case that
-showed it: without the subtraction the lock saw no phase error at all and walked away.
+showed it: without the subtraction the lock misread the phase and walked away.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import pytest
 
 from qkdlab.calibration.bias import BiasLock
-from qkdlab.calibration.records import CalibrationRecord, Quantity
+from qkdlab.calibration.records import CalibrationError, CalibrationRecord, Quantity
 
 V_PI = 4.0
 PHASE = 0.3  # signal-class transfer max where k·V + PHASE = 0
@@ -61,17 +61,24 @@ def phase_error_after(steps: int, background: float | None, start_offset_v: floa
     return math.pi / V_PI * mod.bias_v + PHASE
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: BiasLock.measure_phase does not subtract the calibration's background. "
-    "The fix (subtract record.settings['background']) shifts the seeded one-hour drift "
-    "test (tests/calibration/test_drift.py) below its loops-on/off QBER margin; that test "
-    "passes by its seed (seeds 5 and 6 fail its 2 % ceiling with or without the fix) "
-    "and needs a stronger polarization tracker first. The soak reads a µW modulator tap, "
-    "where the meter's offset is negligible."))
 def test_lock_subtracts_the_calibrated_background_and_finds_the_peak() -> None:
     # starts 0.4 rad off the transfer maximum; one step lands within 1e-6 rad
     assert abs(phase_error_after(1, OFFSET, 0.5)) < 1e-6
     assert abs(phase_error_after(5, OFFSET, -0.5)) < 1e-6
+
+
+def test_without_the_subtraction_the_offset_hides_the_error() -> None:
+    # the mechanism: a lock that takes the 200 pW offset for light reads a u some 50
+    # times too small, misjudges the phase and walks away from the peak (0.4 rad off at
+    # the start, 0.7 rad after one step, 1.9 rad after five)
+    assert abs(phase_error_after(1, None, 0.5)) > 0.4
+    assert abs(phase_error_after(5, None, 0.5)) > abs(phase_error_after(1, None, 0.5))
+
+
+def test_a_record_with_a_non_finite_background_is_refused() -> None:
+    mod = FakeModulator(0.0)
+    with pytest.raises(CalibrationError, match="background"):
+        BiasLock(mod, lambda: probe_of(mod, OFFSET), record(math.nan), (-10.0, 10.0), 1.0)
 
 
 def test_a_lock_reading_the_light_alone_finds_the_peak() -> None:
