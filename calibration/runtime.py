@@ -10,8 +10,17 @@ Before a run::
 During a run, :class:`RunSupervisor.on_frame` takes each frame: every
 ``bias_period_s`` one :class:`~qkdlab.calibration.bias.BiasLock` step (needs a probe
 that does not use the tagger while it streams, i.e. a power meter after the
-modulator), and every frame to the
-:class:`~qkdlab.calibration.polarization.PolarizationTracker`.
+modulator; it reads the probe right after each bias move, so it never sees frames),
+and every frame to the :class:`~qkdlab.calibration.polarization.PolarizationTracker`.
+
+Frames reach ``on_frame`` late: the tagger streams on while blocks wait in its queues
+and are synchronised and processed (several frames under CPU load).  A frame handed
+in just after a polarization move was mostly taken *before* it, so the tracker judges
+a setting only by frames dated after the move on a :class:`StreamClock` (the
+supervisor's ``clock``, anchored when the stream starts: give the run
+``supervisor.dating(tagger)`` as its tagger, or make the supervisor right before the
+run).  Judging by a frame count instead (``settle_frames``) fails as soon as the lag
+changes.
 
 :func:`monitor_drift` is the same loop over discrete short acquisitions (soak tests,
 drift studies): between steps an ``advance`` callable lets time pass.
@@ -22,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +41,16 @@ from qkdlab.calibration.measure import CalibrationContext
 from qkdlab.calibration.polarization import PolarizationTracker, mean_qber
 from qkdlab.calibration.records import NODES, CalibrationRecord, StaleCalibrationError
 from qkdlab.calibration.store import CalibrationStore, Clock
+from qkdlab.drivers.roles import TimeTagger
 from qkdlab.experiments.bb84.processing import BB84Settings, FrameStats
 from qkdlab.experiments.bb84.sync import SyncSolution
+from qkdlab.tags import TagBlock
 
 log = logging.getLogger(__name__)
+
+RATE_TOLERANCE = 50e-6
+"""Largest rate difference between a tagger's timebase and the clock that dates its
+frames (crystal oscillators: tens of ppm; the mock bench's tagger runs 12.5 ppm fast)."""
 
 RUN_NODES = NODES
 """What a BB84 run relies on: every node."""
@@ -111,15 +126,98 @@ def check_before_run(store: CalibrationStore, nodes: Sequence[str] = RUN_NODES, 
     return RunCalibration(records, stale)
 
 
+class StreamClock:
+    """Dates each frame's light on a clock that runs with the tagger (s).
+
+    A frame's own times (``FrameStats.start_ps``/``stop_ps``) are on the tagger's
+    timebase, whose zero the clock does not know: a tagger may count from its power-up
+    (Swabian) or from the start of the stream (ID1000 records).  What is known: the
+    stream starts after :meth:`start` (called when this is made, and again before any
+    new stream), and frames come in stream order.  So the first frame began no earlier
+    than the clock's reading at :meth:`start`, and a later frame of the same timebase
+    ``start − first start`` later (less ``rate_tolerance`` of that, for a tagger
+    clock that runs fast); a frame that starts before its predecessor stopped opens a
+    new timebase (the stream was restarted) and is dated from the previous one's end.
+    Every date is a lower bound, which is what matters: a frame dated after a move was
+    taken after it.  Time between :meth:`start` and the real start of the stream (a
+    run's set-up) only makes the dates earlier, so the tracker waits longer after each
+    move; call :meth:`start` right before the stream starts to keep that short.
+
+    Args:
+        clock: present time (s) on any scale that runs at the tagger's rate: the mock
+            bench's time (``lambda: bench.now_s``), the tagger's own time where the
+            driver reports it, else ``time.monotonic`` (a tagger time-stamps in real time).
+        rate_tolerance: largest rate error of the tagger's clock against ``clock``.
+    """
+
+    def __init__(self, clock: Clock, rate_tolerance: float = RATE_TOLERANCE) -> None:
+        if not 0 <= rate_tolerance < 0.01:
+            raise ValueError(f"rate_tolerance must lie in [0, 0.01), got {rate_tolerance}")
+        self.clock = clock
+        self.rate_tolerance = rate_tolerance
+        self.start()
+
+    def start(self) -> None:
+        """A (new) stream starts after this call: its first frame is dated from now."""
+        self._anchor = self.clock()
+        self._origin: tuple[float, float] | None = None  # (frame time, its clock date)
+        self._last: tuple[int, int, int] | None = None  # (frame, start_ps, stop_ps)
+        self._last_date = (math.nan, math.nan)  # dates of the last frame's start, stop
+        self._warned = False
+
+    def now(self) -> float:
+        """The clock's present reading (s)."""
+        return self.clock()
+
+    def frame_start(self, stats: FrameStats) -> float:
+        """Earliest clock time at which the frame's light may have been taken (s).
+
+        Call once per frame in stream order (a repeated call for the same frame returns
+        the same date)."""
+        key = (stats.frame, stats.start_ps, stats.stop_ps)
+        if key == self._last:
+            return self._last_date[0]
+        start, stop = stats.start_ps * 1e-12, stats.stop_ps * 1e-12
+        if self._origin is None:
+            self._origin = (start, self._anchor)
+        elif self._last is not None and stats.start_ps < self._last[2]:
+            self._origin = (start, self._last_date[1])  # the stream restarted
+        t0, date0 = self._origin
+        scale = 1.0 - self.rate_tolerance
+        dates = (date0 + (start - t0) * scale, date0 + (stop - t0) * scale)
+        now = self.clock()
+        if dates[1] > now:  # light dated in the future: start() came after the stream did
+            if not self._warned:
+                log.warning("frame %d is dated %.3f s after its arrival: the stream started "
+                            "before StreamClock.start(), or the clock does not run with "
+                            "the tagger; dating from the arrival instead", stats.frame,
+                            dates[1] - now)
+                self._warned = True
+            shift = dates[1] - now
+            self._origin = (t0, date0 - shift)
+            dates = (dates[0] - shift, now)
+        self._last, self._last_date = key, dates
+        return dates[0]
+
+
 @dataclass
 class RunSupervisor:
     """Frame hook of a run: periodic bias lock steps and the polarization tracker.
 
+    Its :class:`StreamClock` dates the run's frames from the start of the stream — the
+    call of ``stream()`` on :meth:`dating`'s tagger, else :meth:`stream_starting`, else
+    when the supervisor is made — and a tracker without a ``frame_clock`` is given it,
+    so that after every move the tracker waits for frames taken after the move however
+    late they arrive.
+
     Args:
-        clock: time source for the bias period (s).
+        clock: time (s) on a scale that runs with the tagger — the mock bench's time,
+            the tagger's own time where the driver reports it, else ``time.monotonic``
+            (see :class:`StreamClock`); also paces the bias lock.
         bias_lock: None to leave the bias alone.
         tracker: None to leave the polarization alone.
         bias_period_s: time between bias lock steps.
+        stream: the frames' clock (default: a :class:`StreamClock` on ``clock``).
     """
 
     clock: Clock
@@ -127,7 +225,29 @@ class RunSupervisor:
     tracker: PolarizationTracker | None = None
     bias_period_s: float = 60.0
     log: list[dict[str, Any]] = field(default_factory=list)
+    stream: StreamClock | None = None
     _last_lock: float = -math.inf
+
+    def __post_init__(self) -> None:
+        if self.stream is None:
+            self.stream = StreamClock(self.clock)
+        if self.tracker is not None and self.tracker.frame_clock is None:
+            self.tracker.frame_clock = self.stream
+
+    def stream_starting(self) -> None:
+        """The tagger's stream (re)starts after this call: frames are dated from now."""
+        assert self.stream is not None
+        self.stream.start()
+
+    def dating(self, tagger: TimeTagger) -> TimeTagger:
+        """``tagger`` whose :meth:`stream` first calls :meth:`stream_starting`.
+
+        Give it to the run (``BB84Roles.tagger``): frames are then dated from the moment
+        each stream starts — after the run's set-up (detector bias ramps, laser), and
+        again for a segment retried after a link error — rather than from when the
+        supervisor was made, which only costs waiting.  Everything else is the tagger's.
+        """
+        return _DatedTagger(tagger, self.stream_starting)
 
     def on_frame(self, stats: FrameStats) -> None:
         """Call after every frame (``run_bb84(on_frame=...)``)."""
@@ -143,6 +263,36 @@ class RunSupervisor:
         self.log.append(entry)
 
 
+class _DatedTagger:
+    """A tagger whose stream start is announced first (:meth:`RunSupervisor.dating`)."""
+
+    def __init__(self, tagger: TimeTagger, starting: Callable[[], None]) -> None:
+        self._tagger = tagger
+        self._starting = starting
+
+    def stream(self, duration_s: float | None = None) -> Iterator[TagBlock]:
+        self._starting()
+        return self._tagger.stream(duration_s)
+
+    def acquire(self, duration_s: float) -> TagBlock:
+        return self._tagger.acquire(duration_s)
+
+    def set_trigger_level(self, channel: int, level_v: float) -> None:
+        self._tagger.set_trigger_level(channel, level_v)
+
+    def set_input_delay(self, channel: int, delay_ps: int) -> None:
+        self._tagger.set_input_delay(channel, delay_ps)
+
+    def set_dead_time(self, channel: int, dead_time_ps: int) -> None:
+        self._tagger.set_dead_time(channel, dead_time_ps)
+
+    def safe_state(self) -> None:
+        self._tagger.safe_state()
+
+    def __getattr__(self, name: str) -> Any:  # name, reconnect, channels ... of the tagger
+        return getattr(self._tagger, name)
+
+
 def monitor_drift(ctx: CalibrationContext, *, steps: int, step_s: float,
                   advance: Callable[[float], None], frame_s: float = 0.05,
                   supervisor: RunSupervisor | None = None, max_track_frames: int = 30,
@@ -153,8 +303,10 @@ def monitor_drift(ctx: CalibrationContext, *, steps: int, step_s: float,
     Each step measures a frame (its QBER is the one reported: before any correction);
     with a supervisor the frame then goes to it (a bias lock step if due, the tracker)
     and, while the tracker searches, frames keep coming for it (at most
-    ``max_track_frames``; a frame still above the threshold starts another search).  Returns one
-    row per step: time, QBER Z/X, frames spent searching and ``truth()`` extras.
+    ``max_track_frames``; a frame still above the threshold starts another search).
+    Every frame is an acquisition of its own, so the supervisor's stream clock is
+    restarted before each.  Returns one row per step: time, QBER Z/X, frames spent
+    searching and ``truth()`` extras.
     """
     settings = ctx.bb84_settings()
     ctx.use_pattern(ctx.config.pattern)
@@ -166,6 +318,8 @@ def monitor_drift(ctx: CalibrationContext, *, steps: int, step_s: float,
         advance(step_s)
         elapsed += step_s
         row: dict[str, Any] = {"step": i, "time_s": elapsed}
+        if supervisor is not None:
+            supervisor.stream_starting()
         stats, sol, _ = ctx.frame(frame_s, settings, known=sol)
         row.update(qber_z=stats.qber(0), qber_x=stats.qber(1), qber=mean_qber(stats))
         extra = 0
@@ -177,6 +331,7 @@ def monitor_drift(ctx: CalibrationContext, *, steps: int, step_s: float,
             # as a run would: frames keep coming while the tracker searches, and a frame
             # still above the threshold after a search starts the next one
             while tracker is not None and tracker.active and extra < max_track_frames:
+                supervisor.stream_starting()
                 stats, sol, _ = ctx.frame(frame_s, settings, known=sol)
                 tracker.on_frame(stats)
                 extra += 1

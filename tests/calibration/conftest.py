@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,14 +39,15 @@ class Rig:
 
 @contextmanager
 def mock_rig(seed: int = 21, *, clock: Any = None, config: dict[str, Any] | None = None,
-             **overrides: Any) -> Iterator[Rig]:
-    """The packaged mock station (bench ``overrides``) as a calibration context."""
-    with open_station(DEFAULT_MOCK_STATION, seed=seed, bench_overrides=overrides) as loaded:
+             station: Path = DEFAULT_MOCK_STATION, **overrides: Any) -> Iterator[Rig]:
+    """The packaged mock station, or a variant of it (bench ``overrides``) as a
+    calibration context."""
+    with open_station(station, seed=seed, bench_overrides=overrides) as loaded:
         assert loaded.launcher is not None
         roles = calibration_roles(loaded)
         assert roles.power_meter is not None
         assert roles.polarization is not None
-        cfg = calibration_config(loaded, DEFAULT_MOCK_STATION, True, **(config or {}))
+        cfg = calibration_config(loaded, station, True, **(config or {}))
         store = CalibrationStore(None, clock=clock) if clock else CalibrationStore(None)
         ctx = CalibrationContext(roles, cfg, store, rng=np.random.default_rng(seed))
         yield Rig(ctx, loaded, loaded.launcher.bench)

@@ -103,7 +103,9 @@ def test_polarization_undoes_a_random_fibre_rotation() -> None:
             before = bench.channel_rotation()
             bench.channel.pol_diffusion_rad2_per_s = 0.0
         start = [float(x) for x in RNG.uniform(20.0, 340.0, 3)]
-        rig.ctx.roles.polarization.set_actuators(start)  # type: ignore[union-attr]
+        controller = rig.ctx.roles.polarization
+        assert controller is not None
+        controller.set_actuators(start)
         misaligned = bench.bob.pc_rotation @ before
         rec = PolarizationCalibration(rig.ctx).run()
         after = bench.bob.pc_rotation @ bench.channel_rotation()
