@@ -377,7 +377,10 @@ class ThorlabsITC4001(ReconnectingVisaLink, VisaInstrument):
         """Switch the LD output on after the safety checks; raise if one fails.
 
         Queries, in order: the interlock, the key switch and the device's LD current
-        limit; only then sends ``OUTP ON``.
+        limit; only then sends ``OUTP ON``, and reads the state back (``OUTP?``): when
+        this returns, the instrument has executed every command before it and reports
+        the output on (writes are not acknowledged: without the read-back, a power
+        reading right after could see the laser still off).
         """
         if self.interlock_tripped():
             raise ITC4001InterlockError(
@@ -397,7 +400,11 @@ class ThorlabsITC4001(ReconnectingVisaLink, VisaInstrument):
                 f"current_limit_a = {self.current_limit_a:g} A; lower current_limit first"
             )
         self.write("OUTP ON")
-        self.output.cache.set(True)
+        if not self.output.get():  # the read-back also refreshes the cache
+            raise ITC4001InterlockError(
+                f"{self.name}: the LD output did not switch on (OUTP? reads 0 after "
+                "OUTP ON): interlock or key switch opened meanwhile, or the instrument "
+                "refused it (see error_queue())")
 
     def output_off(self) -> None:
         """Switch the LD output off (``OUTP OFF``)."""

@@ -107,6 +107,7 @@ def test_output_on_checks_interlock_key_and_limit(expected_protocol: ExpectedPro
         ("OUTP:PROT:KEYL:TRIP?", "0"),
         ("SOUR:CURR:LIM?", "5.000000E-02"),
         ("OUTP ON", None),
+        ("OUTP?", "1"),  # read back: the output is really on when output_on returns
         ("OUTP OFF", None),
         SYNC,
     ]
@@ -114,6 +115,21 @@ def test_output_on_checks_interlock_key_and_limit(expected_protocol: ExpectedPro
         laser.output_on()
         laser.output_off()
         laser.ask("*OPC?")
+
+
+def test_output_on_raises_when_the_output_reads_back_off(
+        expected_protocol: ExpectedProtocol) -> None:
+    script = [
+        IDN_EXCHANGE,
+        ("OUTP:PROT:INTL:TRIP?", "0"),
+        ("OUTP:PROT:KEYL:TRIP?", "0"),
+        ("SOUR:CURR:LIM?", "5.000000E-02"),
+        ("OUTP ON", None),
+        ("OUTP?", "0"),  # the loop opened between the check and the switch
+    ]
+    with expected_protocol(ThorlabsITC4001, script, **FAST) as laser, \
+            pytest.raises(ITC4001InterlockError, match=r"did not switch on \(OUTP\? reads 0"):
+        laser.output_on()
 
 
 @pytest.mark.parametrize(
