@@ -23,6 +23,7 @@ from qkdlab.calibration.records import (
 from qkdlab.calibration.runtime import (
     RunCalibration,
     RunSupervisor,
+    StreamClock,
     check_before_run,
     monitor_drift,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "RunSupervisor",
     "StaleCalibrationError",
     "State",
+    "StreamClock",
     "apply_record",
     "build_graph",
     "check_before_run",
