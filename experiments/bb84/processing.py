@@ -55,6 +55,8 @@ class BB84Settings:
         use_sync_channel: find the clock from the marker channel (else from qubits).
         window_ps: acceptance window around each pulse (ps); None: 40 % of the period.
         max_ppm: largest tagger frequency error searched (ppm).
+        max_skew_periods: largest difference of channel delays resolved by the sync,
+            in whole pulse periods (delays may differ by up to this + ½ periods).
         sync_detections: detections gathered before synchronising.
         abort_qber: a QBER above this in either basis aborts the run (no key).
         seed: Alice's pattern seed, also seeds multi-click squashing.
@@ -71,6 +73,7 @@ class BB84Settings:
     use_sync_channel: bool = True
     window_ps: float | None = None
     max_ppm: float = 150.0
+    max_skew_periods: int = 32
     sync_detections: int = 20_000
     abort_qber: float = 0.11
     seed: int = 0
@@ -90,6 +93,8 @@ class BB84Settings:
              f"{self.mu_signal}, {self.mu_decoy}, {self.mu_vacuum}"),
             (0 < self.abort_qber <= 0.5, f"abort_qber must lie in (0, 0.5], got {self.abort_qber}"),
             (self.frame_pulses >= 1, f"frame_pulses must be >= 1, got {self.frame_pulses}"),
+            (self.max_skew_periods >= 0,
+             f"max_skew_periods must be >= 0 periods, got {self.max_skew_periods}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -293,7 +298,7 @@ class FrameProcessor:
         self.solution = synchronise(
             times, channels, self.detectors, self.record, s.period_ps,
             marker_channel=self.marker_channel, frame_pulses=s.frame_pulses,
-            max_ppm=s.max_ppm, window_ps=s.acceptance_ps,
+            max_ppm=s.max_ppm, window_ps=s.acceptance_ps, max_skew_periods=s.max_skew_periods,
         )
 
     def _process(self, block: TagBlock) -> FrameStats:

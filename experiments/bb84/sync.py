@@ -17,13 +17,23 @@ that detector measures in Z and −1 for the other bit (likewise the X arm), vac
 pulses score 0.  The correct offset stands out by ~0.66·√N for N detections; the
 search fails loudly (:class:`SyncError`) when no peak is significant.
 
+The fractional phases give each channel's delay only modulo one period, so the offset
+search sees every channel at its nearest pulse.  A channel with more than half a period
+of extra delay (cable or fibre: 0.6 ns at 1 GHz is 12 cm) would then be read against
+the neighbouring pulse of Alice.  Each channel's own integer shift is therefore
+resolved separately (:func:`resolve_channel_shifts`): its detections are read against
+Alice's bits and intensities at every shift within ±``max_skew_periods`` of the pulse
+the offset search locked on, and the channel's delay takes the winning whole periods.
+Limit: channel delays may differ from that consensus by up to ``max_skew_periods`` + ½
+periods (default 32: ±32.5 ns at 1 GHz, ±325 ns at 100 MHz); a channel seeing
+Alice's light whose shift lies outside fails the sync loudly, naming the channel.
+
 Times are int64 ps; periods and phases are float64 ps.  Everything is vectorised.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -267,6 +277,82 @@ def resolve_pulse_offset(
     return lo_k + best, float(significance)
 
 
+def resolve_channel_shifts(
+    time_ps: npt.NDArray[np.int64],
+    channel: npt.NDArray[np.int16],
+    detectors: DetectorMap,
+    symbols: SymbolFn,
+    origin_ps: float,
+    period_ps: float,
+    delay_ps: dict[int, float],
+    max_shift: int,
+    max_tags: int = 10_000,
+    min_sigma: float = 6.0,
+) -> dict[int, tuple[int, float]]:
+    """Each channel's whole-period shift j: its pulses are ``n + j`` for the nearest
+    pulse n of the model ``origin_ps + n·period_ps + delay_ps[c]``.
+
+    The channel's first ``max_tags`` detections are read against Alice's pattern at
+    every candidate j in [−max_shift, max_shift], two ways that hold whatever the
+    polarization does to the channel: its bit (±1 for the bit of its basis that the
+    detector reads, 0 for the other basis and vacuum; z = |score|/√(non-zero terms))
+    and the intensity (brighter pulses click more: z of the number of signal-class
+    pulses against the other candidates' mean).  At a wrong j both are N(0, 1); at the
+    right j they grow as √N (≈ 0.66 and 0.54 per √detection at 25 km, default
+    pattern).  The best j by z_bit² + z_int² (ties to the smaller |j|) is taken when it
+    is 0, the nearest pulse, or reaches ``min_sigma``.  A channel whose best j ≠ 0 falls
+    short keeps j = 0 when its detections show no pulsed light (Rayleigh test of their
+    phases: dark counts only, nothing to assign), and fails the sync otherwise.
+
+    Returns:
+        channel -> (j, √(z_bit² + z_int²) of the best shift).
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_skew_periods must be >= 0, got {max_shift}")
+    # 0, -1, 1, -2, 2, ...: argmax takes the first of equal scores, the nearest pulse
+    shifts = np.zeros(2 * max_shift + 1, np.int64)
+    shifts[1::2] = -np.arange(1, max_shift + 1)
+    shifts[2::2] = np.arange(1, max_shift + 1)
+    out: dict[int, tuple[int, float]] = {}
+    for ch, (basis, bit) in detectors.channels.items():
+        t = time_ps[np.flatnonzero(channel == ch)[:max_tags]]
+        if t.size == 0:
+            raise SyncError(f"no detections on channel {ch}")
+        base = round(origin_ps)
+        x = (t - base).astype(np.float64) - (origin_ps - base) - delay_ps[ch]
+        n = np.rint(x / period_ps).astype(np.int64)
+        a_basis, a_bit, a_int = symbols((n[:, None] + shifts[None, :]).ravel())[:3]
+        shape = (n.size, shifts.size)
+        counted = ((a_basis == basis) & (a_int != 2)).reshape(shape)
+        nonzero = counted.sum(axis=0)
+        score = 2 * (counted & (a_bit == bit).reshape(shape)).sum(axis=0) - nonzero
+        z_bit = score / np.sqrt(np.maximum(nonzero, 1))
+        signal = (a_int == 0).reshape(shape).sum(axis=0).astype(np.float64)
+        others = (signal.sum() - signal) / (shifts.size - 1) if shifts.size > 1 else signal
+        p_signal = float(signal.sum()) / a_int.size
+        spread = math.sqrt(n.size * p_signal * (1.0 - p_signal))
+        z_int = (signal - others) / spread if spread > 0 else np.zeros(shifts.size)
+        z2 = z_bit**2 + z_int**2
+        best = int(np.argmax(z2))
+        z = math.sqrt(float(z2[best]))
+        if z >= min_sigma or best == 0:  # significant, or the nearest pulse fits best
+            out[ch] = (int(shifts[best]), z)
+            continue
+        rayleigh = float(np.abs(np.exp(1j * TWO_PI * x / period_ps).sum()) ** 2 / t.size)
+        if rayleigh < min_sigma**2:  # no pulsed light: background only
+            out[ch] = (0, z)
+            continue
+        raise SyncError(
+            f"channel {ch}: its {t.size} detections are pulsed (Rayleigh {rayleigh:.0f}) but "
+            f"match Alice's pattern at no shift within ±{max_shift} periods of the other "
+            f"channels (best {z:.1f} σ < {min_sigma} σ): its delay differs from theirs by "
+            f"more than {max_shift + 0.5:g} periods ({(max_shift + 0.5) * period_ps:.0f} ps; "
+            "align the tagger input delays or raise max_skew_periods), or collect more "
+            "detections"
+        )
+    return out
+
+
 # -- one-shot solution ---------------------------------------------------------------
 def synchronise(
     time_ps: npt.NDArray[np.int64],
@@ -281,6 +367,7 @@ def synchronise(
     offset_search: tuple[int, int] = (-(1 << 19), 1 << 19),
     correlation_tags: int = 3000,
     window_ps: float | None = None,
+    max_skew_periods: int = 32,
 ) -> SyncSolution:
     """Find period, per-channel delays and pulse offset from one stretch of tags.
 
@@ -297,7 +384,13 @@ def synchronise(
         correlation_tags: detections used for the offset search (SNR ≈ 0.66·√N).
         window_ps: acceptance window of the final least-squares refinement
             (default: 40 % of the period).
+        max_skew_periods: largest whole-period shift of a channel's delay, relative
+            to the pulse the offset search locks on, that is searched
+            (:func:`resolve_channel_shifts`): delays may differ by up to this + ½
+            periods.
     """
+    if max_skew_periods < 0:
+        raise ValueError(f"max_skew_periods must be >= 0, got {max_skew_periods}")
     det_mask = np.isin(channel, detectors.channel_list)
     t_det, c_det = time_ps[det_mask], channel[det_mask]
     if marker_channel is not None:
@@ -328,6 +421,13 @@ def synchronise(
     k, sigma = resolve_pulse_offset(n_local, lut_basis[c_h], lut_bit[c_h], symbols,
                                     offset_search)
     origin = origin_local - k * period
+    # whole periods of each channel's delay (wrapped to ±T/2 so far); then pulse 0 of
+    # the reference channel is the origin again
+    shifts = resolve_channel_shifts(t_det, c_det, detectors, symbols, origin, period, delays,
+                                    max_skew_periods)
+    delays = {ch: d - shifts[ch][0] * period for ch, d in delays.items()}
+    origin += delays[ref_ch]
+    delays = {ch: d - delays[ref_ch] for ch, d in delays.items()}
     solution = SyncSolution(period_ps=period, origin_ps=origin, channel_delay_ps=delays,
                             nominal_period_ps=nominal_period_ps, peak_sigma=sigma)
     # final least-squares fit of period, origin and channel delays on every detection
@@ -351,19 +451,19 @@ def refine_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
     """:func:`refine` on the arrays of an assignment (pulse, detector, residual per row).
 
     At most ~80 000 evenly spread rows enter the per-channel delay estimates (each
-    channel's shift: the mean of its core residuals, see :func:`_median_and_limit`, or
-    the median if the core is empty), at most 20 000 the period/origin fit
-    (:func:`track`), so the cost does not grow with the count rate.  Medians are exact
-    (bucket selection, :func:`_ranked_pair`) and the fit is ``np.polyfit``'s arithmetic
-    (:func:`_line_fit`): the same numbers as the plain numpy formulation.
+    channel's shift: the mean of its core residuals, see :func:`_median_mad`, or the
+    median if the core is empty), at most 20 000 the period/origin fit (:func:`track`),
+    so the cost does not grow with the count rate.  Medians are exact (``np.median``'s
+    numbers) and the core means are ``np.mean``'s; the line fit is the centred
+    closed form with sums in row order (:func:`_fit_line`).
     """
     tracked = track_rows(solution, pulse_index, residual_ps)
     delays = dict(tracked.channel_delay_ps)
     ref_shift = 0.0
     chans = detectors.channel_list
     stride = max(1, detector.size // 80_000)
-    sizes, medians, n_core, core = _robust_centre_parts(detector, residual_ps, stride,
-                                                        len(chans), solution.period_ps / 2)
+    sizes, medians, n_core, core = _channel_centres(detector, residual_ps, stride,
+                                                    len(chans), solution.period_ps / 2)
     start = 0
     for i, ch in enumerate(chans):
         if sizes[i] < 20:
@@ -377,86 +477,199 @@ def refine_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
     return replace(tracked, channel_delay_ps=delays)
 
 
+# -- robust centre: exact median and MAD in two passes ------------------------------------
 @njit(cache=True)
-def _ranked_pair(v: npt.NDArray[np.float64], k: int, centre: float, deviation: bool,
-                 lo: float, hi: float) -> tuple[float, float]:
-    """The k-th and (k+1)-th smallest (0-based; the second clipped to the last) of
-    ``v``, or of ``|v − centre|`` with ``deviation``.
+def _bucket(x: float, lo: float, scale: float, top: float) -> int:
+    """Bucket of value x: a monotonic map (bucket order is value order), the ends open."""
+    return int(min(max((x - lo) * scale, 0.0), top))
 
-    Exact, in two passes: values are counted into equal-width buckets over [lo, hi]
-    (outliers in the end buckets: a monotonic map, so bucket order is value order), and
-    only the bucket(s) holding the two ranks are sorted.  ``lo``/``hi`` only steer the
-    speed.
+
+@njit(cache=True)
+def _middle(v: npt.NDArray[np.float64], k1: int, k2: int) -> float:
+    """``np.median``'s middle of sorted v: v[k1], or (v[k1] + v[k2]) / 2."""
+    return float(v[k1]) if k1 == k2 else (v[k1] + v[k2]) / 2
+
+
+@njit(cache=True)
+def _median_mad_sorted(v: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """:func:`_median_mad` by sorting (small or degenerate inputs)."""
+    k1, k2 = (v.size - 1) >> 1, v.size >> 1
+    med = _middle(np.sort(v), k1, k2)
+    return med, _middle(np.sort(np.abs(v - med)), k1, k2)
+
+
+@njit(cache=True)
+def _bucket_count(v: npt.NDArray[np.float64], lo: float, scale: float,
+                  counts: npt.NDArray[np.int64]) -> None:
+    top = float(counts.size - 1)
+    for x in v:
+        counts[_bucket(x, lo, scale, top)] += 1
+
+
+@njit(cache=True)
+def _median_mad(v: npt.NDArray[np.float64], lo: float, hi: float) -> tuple[float, float]:
+    """``np.median(v)`` and ``np.median(np.abs(v - median))`` to the bit (v without NaN).
+
+    ``lo``/``hi`` (where most values lie) only steer the speed.
+    """
+    nb = max(16, min(4096, v.size // 8))
+    counts = np.zeros(nb, np.int64)
+    scale = nb / (hi - lo) if hi > lo else 0.0
+    if v.size < 64 or not 0.0 < scale < np.inf:
+        return _median_mad_sorted(v)
+    _bucket_count(v, lo, scale, counts)
+    return _median_mad_counted(v, counts, lo, hi, scale)
+
+
+@njit(cache=True)
+def _median_mad_counted(v: npt.NDArray[np.float64], counts: npt.NDArray[np.int64],
+                        lo: float, hi: float, scale: float) -> tuple[float, float]:
+    """:func:`_median_mad` given v's bucket counts (``counts.size`` equal-width buckets
+    over [lo, hi], values beyond in the end buckets; ``scale`` = buckets per unit).
+
+    From the counts alone: the buckets b1…b2 of the middle ranks, which bound the
+    median to [m_lo, m_hi]; and a bracket [a, b] of deviations holding the MAD's ranks
+    whatever the median in that range (at most k1 values within a, at least k2 + 1
+    within b).  One pass gathers the values of the median buckets and of the buckets
+    at a deviation in [a, b]; every other bucket lies wholly within a (counted) or
+    wholly beyond b.  The median is then exact, the deviations exact, and the MAD is
+    selected among the few in [a, b].
     """
     n = v.size
-    k2 = min(k + 1, n - 1)
-    n_buckets = max(16, min(4096, n // 8))
-    scale = n_buckets / (hi - lo) if hi > lo else 0.0
-    if not (0.0 < scale < np.inf):
-        scale = 0.0  # one bucket: a plain sort
-    top = float(n_buckets - 1)
-    counts = np.zeros(n_buckets, np.int64)
-    for x in v:
-        y = abs(x - centre) if deviation else x
-        counts[int(min(max((y - lo) * scale, 0.0), top))] += 1
+    nb = counts.size
+    k1, k2 = (n - 1) >> 1, n >> 1
     below = 0
-    first = 0
-    while below + counts[first] <= k:
-        below += counts[first]
-        first += 1
-    last = first
-    upto = below + counts[first]
+    b1 = 0
+    while below + counts[b1] <= k1:
+        below += counts[b1]
+        b1 += 1
+    b2 = b1
+    upto = below + counts[b1]
     while upto <= k2:
-        last += 1
-        upto += counts[last]
-    sel = np.empty(upto - below)
+        b2 += 1
+        upto += counts[b2]
+    # value bounds of each bucket, widened past rounding; the end buckets are open
+    width = (hi - lo) / nb
+    eps = 1e-6 * width + 1e-9 * (abs(lo) + abs(hi))
+    lower = lo + np.arange(nb) * width - eps
+    upper = lower + (width + 2 * eps)
+    lower[0] = -np.inf
+    upper[nb - 1] = np.inf
+    m_lo, m_hi = lower[b1], upper[b2]
+    mid = 0
+    for b in range(b1, b2 + 1):
+        mid += counts[b]
+    # a: buckets meeting (m_lo − a, m_hi + a) hold at most k1 values; they join in the
+    # order of the deviation at which they start to meet it
+    a = 0.0
+    if mid <= k1:
+        total = mid
+        left, right = b1 - 1, b2 + 1
+        while left >= 0 or right < nb:  # (all n > k1 values never fit: it breaks first)
+            t_left = m_lo - upper[left] if left >= 0 else np.inf
+            t_right = lower[right] - m_hi if right < nb else np.inf
+            if t_left <= t_right:
+                t, c = t_left, counts[left] if left >= 0 else 0
+                left -= 1
+            else:
+                t, c = t_right, counts[right]
+                right += 1
+            if total + c > k1:
+                a = max(t, 0.0)
+                break
+            total += c
+    # b: buckets wholly inside [m_hi − b, m_lo + b] hold at least k2 + 1 values
+    need = np.maximum(m_hi - lower, upper - m_lo)
+    total = mid
+    b_dev = a
+    for b in range(b1, b2 + 1):
+        b_dev = max(b_dev, need[b])
+    left, right = b1 - 1, b2 + 1
+    while total <= k2:
+        if left < 0 and right >= nb:  # (cannot happen: all n > k2 values are in)
+            b_dev = np.inf
+            break
+        n_left = need[left] if left >= 0 else np.inf
+        n_right = need[right] if right < nb else np.inf
+        if n_left <= n_right:
+            total += counts[left]
+            b_dev = max(b_dev, n_left)
+            left -= 1
+        else:
+            total += counts[right]
+            b_dev = max(b_dev, n_right)
+            right += 1
+    # gather the median buckets and the zones [m_lo − b, m_hi − a], [m_lo + a, m_hi + b]
+    gather = np.zeros(nb, np.bool_)
+    size = 0
+    inner = 0  # values certainly within a of the median
+    for b in range(nb):
+        if (b1 <= b <= b2 or (upper[b] >= m_lo - b_dev and lower[b] <= m_hi - a)
+                or (upper[b] >= m_lo + a and lower[b] <= m_hi + b_dev)):
+            gather[b] = True
+            size += counts[b]
+        elif lower[b] > m_hi - a and upper[b] < m_lo + a:
+            inner += counts[b]
+    top = float(nb - 1)
+    picked = np.empty(size)
     m = 0
     for x in v:
-        y = abs(x - centre) if deviation else x
-        b = int(min(max((y - lo) * scale, 0.0), top))
-        if first <= b <= last:
-            sel[m] = y
+        if gather[_bucket(x, lo, scale, top)]:
+            picked[m] = x
             m += 1
-    sel.sort()
-    return sel[k - below], sel[k2 - below]
+    middle = np.empty(m)
+    j = 0
+    for x in picked:
+        if b1 <= _bucket(x, lo, scale, top) <= b2:
+            middle[j] = x
+            j += 1
+    med = _middle(np.sort(middle[:j]), k1 - below, k2 - below)
+    devs = np.empty(m)
+    j = 0
+    under = inner
+    for x in picked:
+        d = abs(x - med)
+        if d < a:
+            under += 1
+        elif d <= b_dev:
+            devs[j] = d
+            j += 1
+    return med, _middle(np.sort(devs[:j]), k1 - under, k2 - under)
 
 
 @njit(cache=True)
-def _median_of(v: npt.NDArray[np.float64], centre: float, deviation: bool, lo: float,
-               hi: float) -> float:
-    """``np.median(v)`` (or of ``|v − centre|``) for a non-empty array without NaN, to
-    the bit: the middle value, or the two middle values' sum halved."""
-    a, b = _ranked_pair(v, (v.size - 1) >> 1, centre, deviation, lo, hi)
-    return a if v.size & 1 else (a + b) / 2
-
-
-@njit(cache=True)
-def _median_and_limit(r: npt.NDArray[np.float64], half_period: float) -> tuple[float, float]:
-    """Median of residuals ``r`` (mostly within ±half_period) and 3 robust σ
-    (1.4826·MAD, 1 if that is 0): residuals closer to the median than that are the
+def _core_limit(mad: float) -> float:
+    """3 robust σ (1.4826·MAD, 1 if that is 0): residuals closer to the median are the
     core, the rest (dark counts, afterpulses spread over the window) ignored."""
-    med = _median_of(r, 0.0, False, -half_period, half_period)
-    mad = 1.4826 * _median_of(r, med, True, 0.0, half_period + abs(med))
-    if mad == 0.0:
-        mad = 1.0
-    return med, 3 * mad
+    sigma = 1.4826 * mad
+    if sigma == 0.0:
+        sigma = 1.0
+    return 3 * sigma
 
 
 @njit(cache=True)
-def _robust_centre_parts(det: npt.NDArray[np.int8], residual: npt.NDArray[np.float64],
-                         stride: int, n_det: int, half_period: float) -> tuple[Any, ...]:
+def _channel_centres(det: npt.NDArray[np.int8], residual: npt.NDArray[np.float64],
+                     stride: int, n_det: int, half_period: float) -> tuple[Any, ...]:
     """Per detector, over every ``stride``-th row: row count, median and core residuals
-    (within 3 robust σ of the median, in row order).
+    (within :func:`_core_limit` of the median, in row order).
 
     The cores of the detectors with at least 20 rows follow one another in ``core``.
+    The pass that groups the rows also counts them into each detector's buckets.
     """
     room = (det.size + stride - 1) // stride
     grouped = np.empty((n_det, room))
     sizes = np.zeros(n_det, np.int64)
+    nb = max(16, min(4096, room // (8 * n_det)))
+    counts = np.zeros((n_det, nb), np.int64)
+    lo, hi = -half_period, half_period
+    scale = nb / (hi - lo) if hi > lo else 0.0
+    top = float(nb - 1)
     for j in range(0, det.size, stride):
         d = det[j]
-        grouped[d, sizes[d]] = residual[j]
+        x = residual[j]
+        grouped[d, sizes[d]] = x
         sizes[d] += 1
+        counts[d, _bucket(x, lo, scale, top)] += 1
     medians = np.zeros(n_det)
     n_core = np.zeros(n_det, np.int64)
     core = np.empty(room)
@@ -465,7 +678,11 @@ def _robust_centre_parts(det: npt.NDArray[np.int8], residual: npt.NDArray[np.flo
         if sizes[d] < 20:
             continue
         r = grouped[d, :sizes[d]]
-        med, limit = _median_and_limit(r, half_period)
+        if r.size < 64 or not 0.0 < scale < np.inf:
+            med, mad = _median_mad_sorted(r)
+        else:
+            med, mad = _median_mad_counted(r, counts[d], lo, hi, scale)
+        limit = _core_limit(mad)
         medians[d] = med
         for x in r:
             if abs(x - med) < limit:
@@ -762,7 +979,7 @@ def track(solution: SyncSolution, assignment: Assignment, gain: float = 1.0,
           max_points: int = 20_000) -> SyncSolution:
     """Update period and origin from one frame's residuals (drift tracking).
 
-    A weighted line fit of residual against pulse index gives the period and origin
+    A line fit of residual against pulse index gives the period and origin
     corrections; ``gain`` < 1 smooths them over frames.  At most ``max_points`` evenly
     spread detections enter the fit (20 000 already pin the offset to ~1 ps at 100 ps
     jitter), so its cost does not grow with the count rate.
@@ -778,11 +995,10 @@ def track_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
     if pulse_index.size < 50:
         return solution
     stride = max(1, pulse_index.size // max_points)
-    # robust: ignore the tails (dark counts, afterpulses spread over the window)
-    x, y = _fit_points(pulse_index, residual_ps, stride, solution.period_ps / 2)
-    if x.size < 50:
+    slope, intercept, points = _fit_line(pulse_index, residual_ps, stride,
+                                         solution.period_ps / 2)
+    if points < 50:
         return solution
-    slope, intercept = _line_fit(x, y)
     return replace(
         solution,
         period_ps=solution.period_ps + gain * slope,
@@ -791,45 +1007,42 @@ def track_rows(solution: SyncSolution, pulse_index: npt.NDArray[np.int64],
 
 
 @njit(cache=True)
-def _fit_points(pulse: npt.NDArray[np.int64], residual: npt.NDArray[np.float64],
-                stride: int, half_period: float
-                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Every ``stride``-th row within 3 robust σ of the median residual: (pulse, residual)."""
+def _fit_line(pulse: npt.NDArray[np.int64], residual: npt.NDArray[np.float64], stride: int,
+              half_period: float) -> tuple[float, float, int]:
+    """Straight line residual = slope·pulse + intercept through every ``stride``-th row
+    within :func:`_core_limit` of their median residual (robust: dark counts and
+    afterpulses spread over the window are ignored): (slope, intercept, rows fitted).
+
+    The centred closed form, x = pulse − first pulse: x̄ = Σx/n, ȳ = Σy/n,
+    slope = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)², intercept = ȳ − slope·(x̄ + first pulse),
+    every sum accumulated in row order.  (0, 0, 0) when the rows share one pulse.
+    """
     r = residual[::stride].copy()
-    med, limit = _median_and_limit(r, half_period)
+    med, mad = _median_mad(r, -half_period, half_period)
+    limit = _core_limit(mad)
+    p0 = pulse[0]
     x = np.empty(r.size)
-    y = np.empty(r.size)
-    k = 0
+    n = 0
+    sx = 0.0
+    sy = 0.0
     for j in range(r.size):
         if abs(r[j] - med) < limit:
-            x[k] = float(pulse[j * stride])
-            y[k] = r[j]
-            k += 1
-    return x[:k], y[:k]
-
-
-def _line_fit(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]:
-    """``np.polyfit(x, y, 1)`` (slope, intercept), without its generic overhead.
-
-    The same arithmetic: columns x and 1 scaled by their norms (the sums of squares
-    accumulated in order, as numpy's column sum does), LAPACK least squares, rescaled.
-    """
-    scale = np.array([math.sqrt(_sum_squares(x)), math.sqrt(float(x.size))])
-    lhs = np.empty((x.size, 2))
-    np.divide(x, scale[0], out=lhs[:, 0])
-    lhs[:, 1] = 1.0 / scale[1]
-    coef, _, rank, _ = np.linalg.lstsq(lhs, y, rcond=x.size * np.finfo(np.float64).eps)
-    if rank != 2:
-        warnings.warn("Polyfit may be poorly conditioned", np.exceptions.RankWarning,
-                      stacklevel=2)
-    coef = coef / scale
-    return float(coef[0]), float(coef[1])
-
-
-@njit(cache=True)
-def _sum_squares(x: npt.NDArray[np.float64]) -> float:
-    """Σ x², accumulated in index order."""
-    s = 0.0
-    for v in x:
-        s += v * v
-    return s
+            x[n] = float(pulse[j * stride] - p0)
+            r[n] = r[j]
+            sx += x[n]
+            sy += r[n]
+            n += 1
+    if n == 0:
+        return 0.0, 0.0, 0
+    xm = sx / n
+    ym = sy / n
+    sxx = 0.0
+    sxy = 0.0
+    for j in range(n):
+        dx = x[j] - xm
+        sxx += dx * dx
+        sxy += dx * (r[j] - ym)
+    if sxx == 0.0:
+        return 0.0, 0.0, 0
+    slope = sxy / sxx
+    return slope, ym - slope * (xm + float(p0)), n

@@ -4,11 +4,13 @@ The reference below does every step the obvious way: numpy assignment per tag,
 Alice's record looked up with ``bb84_symbols``, the squashing coins drawn with
 ``rng.integers``, a Python loop over the clicks of each pulse, ``np.bincount`` /
 ``np.add.at`` for the counts and the histogram, and the drift refinement with
-``np.median`` and ``np.polyfit``.  ``FrameProcessor`` must give exactly its per-frame
-stats, histograms, sifted records and clock model, on bench tags that have everything:
-dark counts, tags outside the window, tags before pulse 0, the marker channel,
-misaligned channel delays (rows out of pulse order), injected multi-clicks in one and
-in both bases, and a multi-click pulse cut in two by a block boundary.
+``np.median``, ``np.mean`` and the closed-form least-squares line (sums in row order,
+``np.cumsum``; checked against ``np.polyfit`` below).  ``FrameProcessor`` must give
+exactly its per-frame stats, histograms, sifted records and clock model, on bench tags
+that have everything: dark counts, tags outside the window, tags before pulse 0, the
+marker channel, misaligned channel delays (rows out of pulse order), injected
+multi-clicks in one and in both bases, and a multi-click pulse cut in two by a block
+boundary.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from qkdlab.experiments.bb84.processing import (
 from qkdlab.experiments.bb84.sync import (
     DetectorMap,
     SyncSolution,
-    _line_fit,
-    _median_of,
+    _fit_line,
+    _median_mad,
     refine_rows,
     synchronise,
 )
@@ -98,9 +100,30 @@ def bench_blocks() -> tuple[TagBlock, ...]:
 
 
 # -- the reference ------------------------------------------------------------------------
+def row_order_sum(v: npt.NDArray[np.float64]) -> float:
+    """Σ v accumulated from the first element to the last."""
+    return float(np.cumsum(v)[-1])
+
+
+def reference_line(pulse: npt.NDArray[np.int64], y: npt.NDArray[np.float64],
+                   p0: int) -> tuple[float, float] | None:
+    """Least-squares line y = slope·pulse + intercept, centred closed form: x = pulse −
+    p0, slope = Σ(x − x̄)(y − ȳ) / Σ(x − x̄)², intercept = ȳ − slope·(x̄ + p0); None
+    when every x is the same."""
+    x = (pulse - p0).astype(np.float64)
+    xm, ym = row_order_sum(x) / x.size, row_order_sum(y) / y.size
+    dx = x - xm
+    sxx = row_order_sum(dx * dx)
+    if sxx == 0:
+        return None
+    slope = row_order_sum(dx * (y - ym)) / sxx
+    return slope, ym - slope * (xm + float(p0))
+
+
 def reference_refine(sol: SyncSolution, pulse: npt.NDArray[np.int64],
                      det: npt.NDArray[np.int64], res: npt.NDArray[np.float64]) -> SyncSolution:
-    """Drift tracking and channel delays with numpy's median and polyfit."""
+    """Drift tracking and channel delays with numpy's median and mean and the
+    closed-form line."""
     def robust(r: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.bool_]]:
         med = float(np.median(r))
         mad = 1.4826 * float(np.median(np.abs(r - med))) or 1.0
@@ -109,12 +132,13 @@ def reference_refine(sol: SyncSolution, pulse: npt.NDArray[np.int64],
     tracked = sol
     if pulse.size >= 50:
         stride = max(1, pulse.size // 20_000)
-        n, r = pulse[::stride].astype(np.float64), res[::stride]
+        r = res[::stride]
         _, core = robust(r)
-        if core.sum() >= 50:
-            slope, intercept = np.polyfit(n[core], r[core], 1)
-            tracked = replace(sol, period_ps=sol.period_ps + float(slope),
-                              origin_ps=sol.origin_ps + float(intercept))
+        line = (reference_line(pulse[::stride][core], r[core], int(pulse[0]))
+                if core.sum() >= 50 else None)
+        if line is not None:
+            tracked = replace(sol, period_ps=sol.period_ps + line[0],
+                              origin_ps=sol.origin_ps + line[1])
     delays = dict(tracked.channel_delay_ps)
     stride = max(1, det.size // 80_000)
     d, rr = det[::stride], res[::stride]
@@ -338,27 +362,44 @@ def test_pcg64_jumps_reach_far_words() -> None:
     assert _pcg64_words(pcg, index).tolist() == expected
 
 
-def test_median_is_numpys_to_the_bit() -> None:
+def test_median_and_mad_are_numpys_to_the_bit() -> None:
     rng = np.random.default_rng(0)
-    for trial in range(400):
-        n = int(rng.integers(1, 300))
+    for trial in range(1200):
+        n = int(rng.integers(1, 3000)) if trial % 3 else int(rng.integers(1, 80))
         r = [rng.normal(0, 80, n), np.round(rng.normal(0, 80, n)) + 0.37,
              np.repeat(rng.normal(0, 1, 3), n)[:n],
-             np.concatenate([rng.normal(0, 1, n), [1e300, -1e300, 7e4]])][trial % 4]
-        centre = float(rng.normal(0, 10))
-        for lo, hi in ((-500.0, 500.0), (0.0, 0.0), (-1e-3, 1e-3)):
-            assert _median_of(r, 0.0, False, lo, hi) == np.median(r)
-            assert _median_of(r, centre, True, max(lo, 0.0), hi) == np.median(
-                np.abs(r - centre))
+             np.concatenate([rng.normal(0, 1, n), [1e300, -1e300, 7e4]]),
+             # a peak on a flat background (the residuals of a frame)
+             np.where(rng.random(n) < 0.5, rng.normal(0, 40, n), rng.uniform(-500, 500, n)),
+             rng.integers(-3, 4, n) * 0.25,  # heavy ties
+             np.concatenate([rng.normal(300, 5, n), rng.normal(-480, 3, n // 3)]),
+             ][trial % 7]
+        med = np.median(r)
+        for lo, hi in ((-500.0, 500.0), (0.0, 0.0), (-1e-3, 1e-3), (100.0, 200.0)):
+            assert _median_mad(r, lo, hi) == (med, np.median(np.abs(r - med))), (trial, lo)
 
 
-def test_line_fit_is_polyfit_to_the_bit() -> None:
+def test_fit_line_is_the_least_squares_line() -> None:
     rng = np.random.default_rng(1)
-    for n in (50, 777, 20_000):
-        x = np.sort(rng.integers(0, 10**10, n)).astype(np.float64)
-        y = rng.normal(0, 60, n) + 3e-9 * x
-        slope, intercept = np.polyfit(x, y, 1)
-        assert _line_fit(x, y) == (float(slope), float(intercept))
+    for n, stride in ((300, 1), (20_000, 1), (250_000, 12)):
+        pulse = np.sort(rng.integers(10**9, 10**10, n))
+        res = np.where(rng.random(n) < 0.9, rng.normal(0, 60, n), rng.uniform(-400, 400, n))
+        res += 3e-9 * (pulse - pulse[0])  # a drifting clock: 3e-9 ps per pulse
+        slope, intercept, points = _fit_line(pulse, res, stride, 500.0)
+        x, y = pulse[::stride], res[::stride]
+        med = np.median(y)
+        core = np.abs(y - med) < 3 * 1.4826 * np.median(np.abs(y - med))
+        assert points == core.sum() > 0.85 * x.size
+        # the documented arithmetic, to the bit
+        assert (slope, intercept) == reference_line(x[core], y[core], int(pulse[0]))
+        # the least-squares line, as np.polyfit finds it (to rounding: ~1e-15 relative)
+        ref_slope, ref_intercept = np.polyfit(x[core].astype(np.float64), y[core], 1)
+        assert slope == pytest.approx(ref_slope, rel=1e-12, abs=0)
+        assert intercept == pytest.approx(ref_intercept, rel=0, abs=1e-11)
+        # and the drift itself, within 5 σ of its statistical error
+        assert slope == pytest.approx(3e-9, abs=5 * 60 / (np.sqrt(points) * x[core].std()))
+    # every row in one pulse: no line
+    assert _fit_line(np.full(100, 7), rng.normal(0, 1, 100), 1, 500.0) == (0.0, 0.0, 0)
 
 
 def test_refine_matches_the_numpy_refinement() -> None:
