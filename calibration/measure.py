@@ -37,6 +37,7 @@ from qkdlab.experiments.bb84.sync import (
     channel_phases,
     estimate_period_from_detections,
     refine,
+    resolve_channel_shifts,
 )
 from qkdlab.tags import TagBlock
 
@@ -292,7 +293,9 @@ def sync_block(block: TagBlock, roles: CalibrationRoles, settings: BB84Settings,
                offset_search: tuple[int, int], known: SyncSolution | None = None,
                correlation_tags: int = 3000) -> SyncSolution:
     """Sync solution of one block (any polarization rotation); reuses ``known``'s
-    period and channel delays when given (they do not change with polarization)."""
+    period and channel delays when given (they do not change with polarization).
+    Channel delays may differ by more than half a period (up to the settings'
+    ``max_skew_periods``): :func:`~qkdlab.experiments.bb84.sync.resolve_channel_shifts`."""
     detectors = roles.detectors
     channels = detectors.channel_list
     mask = np.isin(block.channel, channels)
@@ -323,9 +326,19 @@ def sync_block(block: TagBlock, roles: CalibrationRoles, settings: BB84Settings,
         n_local = np.rint((t[head] - origin_local - delay_arr[c[head]]) / period).astype(np.int64)
         k, sigma = resolve_offset_any_rotation(n_local, lut_basis[c[head]], lut_bit[c[head]],
                                                roles.transmitter.record, offset_search)
-        sol = SyncSolution(period_ps=period, origin_ps=origin_local - k * period,
-                           channel_delay_ps=delays, nominal_period_ps=settings.period_ps,
-                           peak_sigma=sigma)
+        origin = origin_local - k * period
+        if known is None:
+            # the phases give each delay modulo one period: the whole periods of each
+            # channel against Alice's pattern (else a detector with more than half a
+            # period of extra cable reads the neighbouring pulse), then the reference
+            # channel's pulse 0 is the origin again
+            shifts = resolve_channel_shifts(t, c, detectors, roles.transmitter.record,
+                                            origin, period, delays, settings.max_skew_periods)
+            delays = {ch: d - shifts[ch][0] * period for ch, d in delays.items()}
+            origin += delays[ref]
+            delays = {ch: d - delays[ref] for ch, d in delays.items()}
+        sol = SyncSolution(period_ps=period, origin_ps=origin, channel_delay_ps=delays,
+                           nominal_period_ps=settings.period_ps, peak_sigma=sigma)
         for _ in range(1 if known is not None else 2):
             sol = refine(sol, assign(t, c, sol, detectors, settings.acceptance_ps), detectors)
         return sol

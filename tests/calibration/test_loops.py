@@ -50,6 +50,24 @@ def test_timing_aligns_random_channel_delays_and_measures_the_jitter() -> None:
     assert rec.value("window_ps") == pytest.approx(6 * fwhm / 2.3548, rel=0.05)
 
 
+def test_timing_aligns_delays_of_several_pulse_periods() -> None:
+    # 100 MHz: channels 3 and 4 lag by 1.3 and 2.7 periods (metres of extra cable); the
+    # detection phases alone would place them 3 ns and 3 ns early, on the wrong pulse
+    delays = {1: 0, 2: 500, 3: 13_000, 4: 27_000}
+    with mock_rig(seed=33, tagger={"delay_ps": delays}) as rig:
+        period = rig.ctx.config.period_ps
+        assert period == pytest.approx(10_000)
+        rec = TimingCalibration(rig.ctx).run()
+    assert rec.good, rec.note
+    for ch in (2, 3, 4):
+        skew = rec.quantities[f"skew_before_ps_ch{ch}"]
+        assert within(skew.value, delays[ch] - delays[1], skew.uncertainty), ch
+    total = {ch: delays[ch] + rec.value(f"delay_ps_ch{ch}") for ch in delays}
+    spread = max(total.values()) - min(total.values())
+    sigma = max(rec.uncertainty(f"delay_ps_ch{ch}") for ch in delays)
+    assert spread <= 5 * sigma * math.sqrt(2) + 1
+
+
 def test_bias_detectors_and_mu_recover_the_bench_from_a_random_start() -> None:
     phase = float(RNG.uniform(-math.pi, math.pi))
     v_pi = float(RNG.uniform(3.5, 5.0))
