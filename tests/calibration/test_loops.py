@@ -7,6 +7,7 @@ the model's stated simplifications where noted.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,21 +27,26 @@ def within(value: float, truth: float, sigma: float, n_sigma: float = 5.0) -> bo
     return abs(value - truth) <= n_sigma * sigma
 
 
+def assert_aligned(rec: Any, delays: dict[int, int]) -> None:
+    """A good timing record: the skews it saw before alignment are the bench's delay
+    differences, and after it bench delay + applied input delay agree on every channel
+    (1 ps grid)."""
+    assert rec.good, rec.note
+    for ch in (2, 3, 4):
+        skew = rec.quantities[f"skew_before_ps_ch{ch}"]
+        assert within(skew.value, delays[ch] - delays[1], skew.uncertainty), ch
+    total = {ch: delays[ch] + rec.value(f"delay_ps_ch{ch}") for ch in delays}
+    spread = max(total.values()) - min(total.values())
+    sigma = max(rec.uncertainty(f"delay_ps_ch{ch}") for ch in delays)
+    assert spread <= 5 * sigma * math.sqrt(2) + 1
+
+
 def test_timing_aligns_random_channel_delays_and_measures_the_jitter() -> None:
     delays = {ch: int(d) for ch, d in zip((1, 2, 3, 4), RNG.integers(0, 3000, 4), strict=True)}
     with mock_rig(seed=31, tagger={"delay_ps": delays}) as rig:
         rec = TimingCalibration(rig.ctx).run()
         cfg = rig.bench.config()
-    assert rec.good, rec.note
-    # skews seen before alignment = the bench's delay differences
-    for ch in (2, 3, 4):
-        skew = rec.quantities[f"skew_before_ps_ch{ch}"]
-        assert within(skew.value, delays[ch] - delays[1], skew.uncertainty), ch
-    # after: bench delay + applied input delay equal on every channel (1 ps grid)
-    total = {ch: delays[ch] + rec.value(f"delay_ps_ch{ch}") for ch in delays}
-    spread = max(total.values()) - min(total.values())
-    sigma = max(rec.uncertainty(f"delay_ps_ch{ch}") for ch in delays)
-    assert spread <= 5 * sigma * math.sqrt(2) + 1
+    assert_aligned(rec, delays)
     # jitter: detector σ (100 ps) and tagger σ (9 ps) in quadrature
     fwhm = 2 * math.sqrt(2 * math.log(2)) * math.hypot(cfg.bob.detectors[0].jitter_ps,
                                                        cfg.tagger.jitter_ps)
@@ -58,14 +64,7 @@ def test_timing_aligns_delays_of_several_pulse_periods() -> None:
         period = rig.ctx.config.period_ps
         assert period == pytest.approx(10_000)
         rec = TimingCalibration(rig.ctx).run()
-    assert rec.good, rec.note
-    for ch in (2, 3, 4):
-        skew = rec.quantities[f"skew_before_ps_ch{ch}"]
-        assert within(skew.value, delays[ch] - delays[1], skew.uncertainty), ch
-    total = {ch: delays[ch] + rec.value(f"delay_ps_ch{ch}") for ch in delays}
-    spread = max(total.values()) - min(total.values())
-    sigma = max(rec.uncertainty(f"delay_ps_ch{ch}") for ch in delays)
-    assert spread <= 5 * sigma * math.sqrt(2) + 1
+    assert_aligned(rec, delays)
 
 
 def test_bias_detectors_and_mu_recover_the_bench_from_a_random_start() -> None:
